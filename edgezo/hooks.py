@@ -1,0 +1,26 @@
+"""How a training run talks to whoever supervises it.
+
+The trainer calls these at step boundaries. `edgezo run` uses the defaults (no daemon: every
+lease is granted, nothing pauses); the daemon's worker overrides them with socket calls.
+Keeping this seam tiny is what lets the same trainer run in the foreground and under the daemon.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TrainerHooks:
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        """Progress and lifecycle: kinds are start, step, eval, phase, snapshot, done, error."""
+
+    def try_lease(self, phase: str, nbytes: int) -> bool:
+        """Ask for `nbytes` of device memory for a heavy phase. False: not now, keep doing ZO steps."""
+        return True
+
+    def release_lease(self, phase: str) -> None:
+        """The heavy phase is over and its memory is back."""
+
+    def control(self) -> str:
+        """'run', 'pause' (checkpoint and exit, resumable) or 'stop' (cancelled)."""
+        return "run"

@@ -1,0 +1,300 @@
+"""The job spec: parse, apply `--set` overrides, fill defaults, validate.
+
+Torch-free on purpose: `edgezo enqueue` and the daemon validate specs without loading the engine,
+so a malformed spec is rejected at enqueue, naming the field, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+METHODS = ("mezo", "dizo")
+TASK_TYPES = ("classification", "generation")
+SCHEDULES = ("constant", "linear")
+DEVICES = ("auto", "cpu", "cuda")
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "model": "default",
+    "precision": "fp32",
+    "trainable": "full",
+    "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
+    "method": "mezo",
+    "optim": {"lr": 1.0e-5, "eps": 1.0e-3, "weight_decay": 0.0, "perturbations": 1, "schedule": "constant"},
+    "dizo": {
+        "interval": 50,
+        "projection": "zo",
+        "iters": 10,
+        "eps": 0.1,
+        "lr": 2.0,
+        "clip": 0.2,
+        "layers": ["q_proj", "v_proj"],
+        "checkpointing": False,
+    },
+    "task": {
+        "type": "classification",
+        "train": "default",
+        "eval": "default",
+        "text_field": "text",
+        "label_field": "label",
+        "answer_field": "answer",
+        "template": "Review: {text}\nSentiment:",
+        "labels": {"rotten": " negative", "fresh": " positive"},
+        "objective": "loss",
+    },
+    "steps": 1000,
+    "batch_size": 16,
+    "max_length": 128,
+    "eval_every": 200,
+    "eval_size": 500,
+    "seed": 0,
+    "budget": None,
+    "window": None,
+    "output": None,
+    "device": "auto",
+    "snapshot_every": 500,
+    "fsync_every": 1,
+}
+
+KNOWN_TOP = set(DEFAULTS)
+
+
+class SpecError(ValueError):
+    """A spec problem, tied to the dotted path of the field at fault."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"spec field '{field}': {message}")
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+
+
+def parse_size(value: Any, field: str = "budget") -> int:
+    """Bytes from 6GiB, 512MiB, 6G, 6e9 or a plain integer."""
+    if isinstance(value, bool):
+        raise SpecError(field, f"expected a size like 6GiB, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise SpecError(field, "must be positive")
+        return int(value)
+    m = _SIZE.match(str(value))
+    if not m:
+        raise SpecError(field, f"expected a size like 6GiB or 512MiB, got {value!r}")
+    number, unit = float(m.group(1)), (m.group(2) or "").upper()
+    base = 1024 if "I" in unit else 1000
+    prefix = unit[:1] if unit[:1] in "KMGT" else ""
+    scale = base ** "_KMGT".index(prefix) if prefix else 1
+    if number <= 0:
+        raise SpecError(field, "must be positive")
+    return int(number * scale)
+
+
+def read_spec_file(path: str | Path) -> dict:
+    """YAML or JSON (JSON is YAML), with a file-level error that names the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError("<file>", f"no such spec file: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError("<file>", f"{p} is not valid YAML/JSON: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError("<file>", f"{p} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def apply_sets(spec: dict, sets: list[str] | None) -> dict:
+    """Apply `key.path=value` overrides; values are parsed as YAML scalars/lists."""
+    out = copy.deepcopy(spec)
+    for item in sets or []:
+        if "=" not in item:
+            raise SpecError(item, "an override must look like key.path=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise SpecError(item, "empty key in override")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(defaults: dict, given: dict) -> dict:
+    out = copy.deepcopy(defaults)
+    for k, v in given.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("labels",):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _num(spec: dict, path: str, *, kind: type = float, lo: float | None = None, lo_open: bool = False) -> None:
+    node, parts = spec, path.split(".")
+    for p in parts[:-1]:
+        node = node[p]
+    v = node[parts[-1]]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if kind is float and isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                raise SpecError(path, f"expected a number, got {v!r}") from None
+        else:
+            raise SpecError(path, f"expected {'an integer' if kind is int else 'a number'}, got {v!r}")
+    if kind is int:
+        if float(v) != int(v):
+            raise SpecError(path, f"expected an integer, got {v!r}")
+        v = int(v)
+    else:
+        v = float(v)
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise SpecError(path, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
+    node[parts[-1]] = v
+
+
+def _choice(spec: dict, path: str, choices: tuple[str, ...]) -> None:
+    node, parts = spec, path.split(".")
+    for p in parts[:-1]:
+        node = node[p]
+    v = node[parts[-1]]
+    if not isinstance(v, str) or v.lower() not in choices:
+        raise SpecError(path, f"must be one of {', '.join(choices)}; got {v!r}")
+    node[parts[-1]] = v.lower()
+
+
+def _patterns(value: Any, field: str) -> list[str]:
+    if isinstance(value, str):
+        value = [s.strip() for s in value.split(",") if s.strip()]
+    if not isinstance(value, list) or not value or not all(isinstance(s, str) and s for s in value):
+        raise SpecError(field, f"expected a non-empty list of module-name patterns, got {value!r}")
+    return value
+
+
+def validate(given: dict) -> dict:
+    """Return the full spec (defaults filled in) or raise SpecError naming the first bad field."""
+    if not isinstance(given, dict):
+        raise SpecError("<spec>", "a spec is a mapping of fields")
+    unknown = sorted(set(given) - KNOWN_TOP)
+    if unknown:
+        raise SpecError(unknown[0], f"unknown field (known: {', '.join(sorted(KNOWN_TOP))})")
+    for section in ("optim", "dizo", "task", "lora"):
+        if section in given and not isinstance(given[section], dict):
+            raise SpecError(section, f"expected a mapping, got {given[section]!r}")
+        extra = sorted(set(given.get(section) or {}) - set(DEFAULTS[section]))
+        if extra:
+            raise SpecError(f"{section}.{extra[0]}", f"unknown field (known: {', '.join(sorted(DEFAULTS[section]))})")
+    spec = _merge(DEFAULTS, given)
+
+    if not isinstance(spec["model"], str) or not spec["model"].strip():
+        raise SpecError("model", "expected 'default', a local HF directory or a .gguf file")
+    _choice(spec, "precision", PRECISIONS)
+    _choice(spec, "method", METHODS)
+    _choice(spec, "device", DEVICES)
+    trainable = spec["trainable"]
+    if isinstance(trainable, str) and trainable.lower() in ("full", "lora"):
+        spec["trainable"] = trainable.lower()
+    else:
+        spec["trainable"] = _patterns(trainable, "trainable")
+    if spec["precision"] == "int8" and spec["trainable"] == "full":
+        raise SpecError("trainable", "int8 weights cannot be perturbed in place; use trainable: lora with precision: int8")
+    if spec["precision"] == "int8":
+        raise SpecError("precision", "int8 is not supported yet (planned with LoRA); use fp32, fp16 or bf16")
+    if spec["trainable"] == "lora":
+        raise SpecError("trainable", "LoRA is not supported yet; use full or a list of module-name patterns")
+
+    _num(spec, "optim.lr", lo=0.0)
+    _num(spec, "optim.eps", lo=0.0, lo_open=True)
+    _num(spec, "optim.weight_decay", lo=0.0)
+    _num(spec, "optim.perturbations", kind=int, lo=1)
+    _choice(spec, "optim.schedule", SCHEDULES)
+
+    d = spec["dizo"]
+    _num(spec, "dizo.interval", kind=int, lo=1)
+    _num(spec, "dizo.iters", kind=int, lo=1)
+    _num(spec, "dizo.eps", lo=0.0, lo_open=True)
+    _num(spec, "dizo.lr", lo=0.0)
+    _num(spec, "dizo.clip", lo=0.0)
+    _choice(spec, "dizo.projection", ("zo", "fo"))
+    d["layers"] = _patterns(d["layers"], "dizo.layers")
+
+    t = spec["task"]
+    _choice(spec, "task.type", TASK_TYPES)
+    for f in ("train", "eval", "text_field", "template"):
+        if not isinstance(t[f], str) or not t[f]:
+            raise SpecError(f"task.{f}", f"expected a non-empty string, got {t[f]!r}")
+    if "{" not in t["template"]:
+        raise SpecError("task.template", "the template must use at least one {field} of the data")
+    if t["type"] == "classification":
+        labels = t["labels"]
+        if not isinstance(labels, dict) or len(labels) < 2:
+            raise SpecError("task.labels", "expected a mapping of at least two label values to verbalizer words")
+        for k, v in labels.items():
+            if not isinstance(v, str) or not v:
+                raise SpecError(f"task.labels.{k}", f"verbalizer must be a non-empty string, got {v!r}")
+        t["labels"] = {str(k): v for k, v in labels.items()}
+        if not isinstance(t["label_field"], str) or not t["label_field"]:
+            raise SpecError("task.label_field", "expected the name of the label column")
+    else:
+        if not isinstance(t["answer_field"], str) or not t["answer_field"]:
+            raise SpecError("task.answer_field", "expected the name of the answer column")
+    _choice(spec, "task.objective", ("loss", "f1", "accuracy"))
+
+    _num(spec, "steps", kind=int, lo=0)
+    _num(spec, "batch_size", kind=int, lo=1)
+    _num(spec, "max_length", kind=int, lo=8)
+    _num(spec, "eval_every", kind=int, lo=0)
+    _num(spec, "eval_size", kind=int, lo=0)
+    _num(spec, "seed", kind=int, lo=0)
+    _num(spec, "snapshot_every", kind=int, lo=0)
+    _num(spec, "fsync_every", kind=int, lo=0)
+    if spec["budget"] is not None:
+        spec["budget"] = parse_size(spec["budget"], "budget")
+    if spec["window"] is not None and (not isinstance(spec["window"], str) or len(spec["window"].split()) != 5):
+        raise SpecError("window", f"expected a 5-field cron expression like '0 1-5 * * *', got {spec['window']!r}")
+
+    name = spec["name"] or "job"
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise SpecError("name", f"use letters, digits, '.', '_' or '-' (max 64), got {name!r}")
+    spec["name"] = name
+    out = spec["output"] or name
+    if not isinstance(out, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", out):
+        raise SpecError("output", f"a plain name that stays inside the job directory, got {out!r}")
+    spec["output"] = out
+    return spec
+
+
+def load_spec(source: str | Path | dict, sets: list[str] | None = None) -> dict:
+    """Read (file or mapping), apply overrides, validate. The one entry point for every caller."""
+    raw = read_spec_file(source) if not isinstance(source, dict) else copy.deepcopy(source)
+    return validate(apply_sets(raw, sets))
+
+
+def spec_hash(spec: dict) -> str:
+    """Stable hash of the fields that change what training computes (not name/window/budget)."""
+    keep = {k: v for k, v in spec.items() if k not in ("name", "window", "budget", "output", "fsync_every")}
+    blob = json.dumps(keep, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()

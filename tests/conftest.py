@@ -1,0 +1,22 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tests.tiny import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture()
+def tiny_spec_dict(tiny_model_dir, tmp_path):
+    from tests.tiny import tiny_spec
+
+    return tiny_spec(tiny_model_dir, tmp_path / "data")
