@@ -1,0 +1,93 @@
+"""Load a causal LM from a local HF directory or a GGUF file, in the spec's precision and device."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def model_path(value: str) -> Path:
+    if value == "default":
+        from edgezo import assets
+
+        return assets.resolve_model("default")
+    p = Path(value).expanduser()
+    if not p.exists():
+        raise ModelError(f"model: no such local model directory or .gguf file: {p}")
+    return p
+
+
+def weights_hash(path: Path) -> str:
+    """sha256 over the weight files, pinning the base model in the seed-log header."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(
+        f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf", ".pt")
+    )
+    if not files:
+        raise ModelError(f"model: no weight files (*.safetensors, *.bin, *.gguf) in {path}")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def load(value: str, precision: str, device: torch.device):
+    """(model, tokenizer, path). The model is frozen (no autograd): ZO never calls backward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_path(value)
+    if precision not in DTYPES:
+        raise ModelError(f"precision: {precision} is not supported by this loader")
+    kwargs: dict = {"dtype": DTYPES[precision]}
+    src = path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"model: {path} is a file but not a .gguf file")
+        src, kwargs["gguf_file"] = path.parent, path.name
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model: could not load {path}: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tok, path
+
+
+def trainable_patterns(trainable) -> list[str] | None:
+    return None if trainable == "full" else list(trainable)
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The transformer body that returns final hidden states (final norm included), no lm_head."""
+    return getattr(model, model.base_model_prefix)
+
+
+def head_weight(model: nn.Module) -> torch.Tensor:
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ModelError("model: needs a bias-free output embedding (lm_head)")
+    return head.weight

@@ -1,0 +1,104 @@
+"""Zeroth-order optimisers: one interface, MeZO (ZO-SGD) first.
+
+A method turns "loss under perturbation (seed, ±ε)" into an update and a seed-log record. The record
+holds everything needed to redo the update without any forward pass (seeds, projected gradients,
+lr), which is what makes replay and resume cheap and exact.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from edgezo.perturb import Perturber, ZOParam, apply_update, mix
+
+
+@dataclass
+class StepRecord:
+    """What the seed-log stores for one step."""
+
+    step: int
+    seeds: list[int]
+    grads: list[float]  # projected gradient per perturbation, (L+ − L−)/2ε
+    lr: float
+    weight_decay: float
+    loss: float = float("nan")  # mean of L+ and L− (progress display only; not needed for replay)
+    extra: dict = field(default_factory=dict)
+
+
+def lr_at(step: int, lr: float, total: int, schedule: str) -> float:
+    if schedule == "linear" and total > 0:
+        return lr * max(0.0, 1.0 - step / total)
+    return lr
+
+
+def step_seed(job_seed: int, step: int, k: int) -> int:
+    """The seed of perturbation k at `step`: a pure function, so resume never needs saved RNG state."""
+    return mix(job_seed, step, k)
+
+
+LossFn = Callable[[], float]
+
+
+class ZOMethod(ABC):
+    """Interface every ZO method implements (MeZO now; DiZO, HiZOO, KerZOO, PseuZO plug in here)."""
+
+    name = "base"
+
+    def __init__(self, params: list[ZOParam], perturber: Perturber, *, lr: float, eps: float,
+                 weight_decay: float = 0.0, perturbations: int = 1, schedule: str = "constant",
+                 total_steps: int = 0, seed: int = 0):
+        self.params = params
+        self.perturber = perturber
+        self.lr, self.eps, self.wd = lr, eps, weight_decay
+        self.q, self.schedule, self.total, self.seed = perturbations, schedule, total_steps, seed
+
+    @abstractmethod
+    def step(self, step: int, loss_fn: LossFn) -> StepRecord:
+        """Spend forward passes, update the weights, return the record that redoes the update."""
+
+    @abstractmethod
+    def apply(self, rec: StepRecord) -> None:
+        """Redo a logged update with no forward pass (replay, resume)."""
+
+
+class MeZO(ZOMethod):
+    """Two-point SPSA with Gaussian directions regenerated from seeds (Malladi et al., 2023)."""
+
+    name = "mezo"
+
+    @torch.no_grad()
+    def step(self, step: int, loss_fn: LossFn) -> StepRecord:
+        seeds, grads, losses = [], [], []
+        for k in range(self.q):
+            s = step_seed(self.seed, step, k)
+            with self.perturber.active(s, +self.eps):
+                lp = loss_fn()
+            with self.perturber.active(s, -self.eps):
+                lm = loss_fn()
+            seeds.append(s)
+            grads.append((lp - lm) / (2.0 * self.eps))
+            losses.extend([lp, lm])
+        rec = StepRecord(step=step, seeds=seeds, grads=grads,
+                         lr=lr_at(step, self.lr, self.total, self.schedule), weight_decay=self.wd,
+                         loss=sum(losses) / len(losses))
+        self.apply(rec)
+        return rec
+
+    @torch.no_grad()
+    def apply(self, rec: StepRecord) -> None:
+        """θ ← θ·(1 − lr·wd) − lr/q · Σ_k g_k z_k  (decay only on matrices, as in MeZO)."""
+        q = len(rec.seeds)
+        for p in self.params:
+            if rec.weight_decay and p.param.dim() >= 2:
+                p.param.mul_(1.0 - rec.lr * rec.weight_decay)
+            for s, g in zip(rec.seeds, rec.grads):
+                alpha = -rec.lr * g / q
+                if alpha != 0.0:
+                    apply_update(p, s, alpha)
+
+
+METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO}
