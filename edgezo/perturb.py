@@ -13,7 +13,7 @@ by row-chunk, so any parameter's z can be regenerated alone, in any order, on an
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -142,6 +142,7 @@ class Perturber:
         self.params = params
         self.seed: int | None = None
         self.alpha = 0.0
+        self.override: Callable[[ZOParam], torch.Tensor | None] | None = None
         self.pool = ScratchPool()
         self._handles: list = []
         self._by_id = {id(p.param): p for p in params}
@@ -170,12 +171,26 @@ class Perturber:
         finally:
             self.seed, self.alpha = None, 0.0
 
+    @contextmanager
+    def overridden(self, fn: Callable[[ZOParam], torch.Tensor | None]) -> Iterator[None]:
+        """Forwards inside see fn(p) in place of each parameter p it returns a tensor for (DiZO's
+        projected weights θ₀ + c·Δθ); the weights themselves are untouched."""
+        self.override = fn
+        try:
+            yield
+        finally:
+            self.override = None
+
     def param_for(self, tensor: torch.Tensor) -> ZOParam | None:
         return self._by_id.get(id(tensor))
 
     def rows(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows of a (possibly perturbed) table, e.g. the verbalizer rows of a tied lm_head."""
         p = self.param_for(weight)
+        if p is not None and self.override is not None:
+            t = self.override(p)
+            if t is not None:
+                return t[ids]
         if self.seed is None or p is None:
             return weight.detach()[ids]
         return perturbed_rows(p, self.seed, self.alpha, ids)
@@ -183,6 +198,10 @@ class Perturber:
     def full(self, weight: torch.Tensor) -> torch.Tensor:
         """The whole (possibly perturbed) tensor; the caller must not keep it past the forward."""
         p = self.param_for(weight)
+        if p is not None and self.override is not None:
+            t = self.override(p)
+            if t is not None:
+                return t
         if self.seed is None or p is None:
             return weight.detach()
         return add_noise_into(torch.empty_like(weight), p, self.seed, self.alpha)
@@ -208,11 +227,15 @@ class Perturber:
 
     def _swap_in(self, module: nn.Module, attrs: list[tuple[str, ZOParam]]):
         def hook(mod: nn.Module, args: tuple) -> None:
-            if self.seed is None:
-                return
-            for attr, p in attrs:
-                buf = add_noise_into(self.pool.take(p.param), p, self.seed, self.alpha)
-                mod._parameters[attr] = buf  # plain tensor for this forward only
+            if self.seed is not None:
+                for attr, p in attrs:
+                    buf = add_noise_into(self.pool.take(p.param), p, self.seed, self.alpha)
+                    mod._parameters[attr] = buf  # plain tensor for this forward only
+            elif self.override is not None:
+                for attr, p in attrs:
+                    t = self.override(p)
+                    if t is not None:
+                        mod._parameters[attr] = t
 
         return hook
 
@@ -222,7 +245,8 @@ class Perturber:
                 cur = mod._parameters[attr]
                 if cur is not p.param:
                     mod._parameters[attr] = p.param
-                    self.pool.give(cur)
+                    if self.seed is not None:
+                        self.pool.give(cur)
 
         return hook
 

@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
         "lr": 2.0,
         "clip": 0.2,
         "layers": ["q_proj", "v_proj"],
+        "fo_lr": 0.01,
         "checkpointing": False,
     },
     "task": {
@@ -238,6 +239,9 @@ def validate(given: dict) -> dict:
     _num(spec, "dizo.eps", lo=0.0, lo_open=True)
     _num(spec, "dizo.lr", lo=0.0)
     _num(spec, "dizo.clip", lo=0.0)
+    _num(spec, "dizo.fo_lr", lo=0.0)
+    if d["clip"] >= 1.0:
+        raise SpecError("dizo.clip", f"must be below 1 (the projection ratio stays in [1-clip, 1+clip]), got {d['clip']}")
     _choice(spec, "dizo.projection", ("zo", "fo"))
     d["layers"] = _patterns(d["layers"], "dizo.layers")
 

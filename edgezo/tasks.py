@@ -104,12 +104,17 @@ class Classification(Task):
         rows = self.perturber.rows(self.head, self.verb_ids)
         return h_last.float() @ rows.float().T
 
-    def objective(self, batch: list[Example]) -> float:
+    def loss(self, batch: list[Example]) -> torch.Tensor:
+        """Differentiable cross-entropy over the verbalizer (DiZO's first-order projection uses it)."""
         logits = self.logits(batch)
-        target = torch.tensor([e.label for e in batch], device=logits.device)
+        return F.cross_entropy(logits, torch.tensor([e.label for e in batch], device=logits.device))
+
+    def objective(self, batch: list[Example]) -> float:
         if self.cfg["objective"] == "accuracy":
+            logits = self.logits(batch)
+            target = torch.tensor([e.label for e in batch], device=logits.device)
             return -float((logits.argmax(1) == target).float().mean())
-        return float(F.cross_entropy(logits, target))
+        return float(self.loss(batch))
 
     @torch.no_grad()
     def evaluate(self, examples: list[Example], batch_size: int) -> dict:
@@ -158,7 +163,7 @@ class Generation(Task):
             out.append(Example(ids=prompt + ans_ids, answer_start=len(prompt), answer=answer))
         return out
 
-    def token_loss(self, batch: list[Example]) -> torch.Tensor:
+    def loss(self, batch: list[Example]) -> torch.Tensor:
         ids, mask = _pad([e.ids for e in batch], self.tok.pad_token_id, self.device)
         h = self.hidden(ids, mask)
         rows, cols, targets = [], [], []
@@ -176,7 +181,7 @@ class Generation(Task):
         if self.cfg["objective"] == "f1":
             preds = self.generate(batch)
             return -sum(f1_score(p, e.answer) for p, e in zip(preds, batch)) / len(batch)
-        return float(self.token_loss(batch))
+        return float(self.loss(batch))
 
     def generate(self, batch: list[Example]) -> list[str]:
         prompts = [e.ids[: e.answer_start] for e in batch]
@@ -197,7 +202,7 @@ class Generation(Task):
         em = f1 = loss = 0.0
         for i in range(0, len(examples), batch_size):
             batch = examples[i : i + batch_size]
-            loss += float(self.token_loss(batch)) * len(batch)
+            loss += float(self.loss(batch)) * len(batch)
             for pred, e in zip(self.generate(batch), batch):
                 em += float(normalize_answer(pred) == normalize_answer(e.answer))
                 f1 += f1_score(pred, e.answer)
