@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-CHUNK_ELEMENTS = 1 << 20  # noise is drawn in row chunks of about this many elements
+CHUNK_ELEMENTS = 1 << 18  # noise is drawn in row chunks of about this many elements (1 MiB fp32)
 _MASK64 = (1 << 64) - 1
 
 
@@ -90,6 +90,8 @@ def add_noise_into(out: torch.Tensor, p: ZOParam, seed: int, alpha: float,
             out.copy_(src.float() + alpha * z)
         elif in_place_fp32:
             out[r0:r1].add_(z, alpha=alpha)
+        elif src.dtype == torch.float32:  # same kernel as add_, one pass
+            torch.add(src[r0:r1], z, alpha=alpha, out=out[r0:r1])
         else:
             block = src[r0:r1].to(torch.float32, copy=True)
             block.add_(z, alpha=alpha)
@@ -118,7 +120,9 @@ def perturbed_rows(p: ZOParam, seed: int, alpha: float, ids: torch.Tensor) -> to
 
 
 class ScratchPool:
-    """Reusable buffers for perturbed copies, so a forward does not allocate per module."""
+    """Buffers for perturbed copies. On CUDA they are kept for reuse (the caching allocator would
+    keep them anyway); on the CPU each is freed after its module's forward, so at most one
+    module's perturbed copy is alive at a time and the step's peak stays at the forward's peak."""
 
     def __init__(self) -> None:
         self._free: dict[tuple, list[torch.Tensor]] = {}
@@ -129,7 +133,8 @@ class ScratchPool:
         return stack.pop() if stack else torch.empty_like(like)
 
     def give(self, t: torch.Tensor) -> None:
-        self._free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+        if t.device.type == "cuda":
+            self._free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
 
     def clear(self) -> None:
         self._free.clear()

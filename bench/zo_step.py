@@ -1,0 +1,214 @@
+"""A ZO step against its two forward passes and against a faithful MeZO-reference step, in one run.
+
+    python bench/zo_step.py                       # CPU: OPT-125m shape, fp32, batch 8, seq 64
+    python bench/zo_step.py --model opt-2.7b --dtype fp16 --batch 16 --seq 64 --device cuda
+
+Times (medians after warm-up, variants interleaved round by round so machine noise hits all alike):
+  forward   one forward computing only the logits the loss needs (last position, 2 label rows)
+  reference MeZO's algorithm as released: seed reset, per-parameter torch.normal, out-of-place
+            θ + s·ε·z, four sweeps (+ε, −2ε, +ε, update), full-vocabulary logits and LM loss
+  edgezo    edgezo's MeZO step (on-the-fly perturbation, 3 noise passes, last-position logits)
+Peak memory: CUDA max_memory_allocated in-process; on CPU each variant runs in its own child
+process and reports its peak RSS during one measured call (high-water mark reset first), so the
+figures do not contaminate each other.
+Random weights: speed and memory do not depend on weight values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from edgezo.perturb import Perturber, collect_params  # noqa: E402
+from edgezo.zo import MeZO  # noqa: E402
+
+SHAPES = {  # OPT family shapes (hidden, layers, heads, ffn)
+    "opt-125m": (768, 12, 12, 3072),
+    "opt-350m": (1024, 24, 16, 4096),
+    "opt-1.3b": (2048, 24, 32, 8192),
+    "opt-2.7b": (2560, 32, 32, 10240),
+    "opt-6.7b": (4096, 32, 32, 16384),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build(name: str, dtype: torch.dtype, device: torch.device):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    hidden, layers, heads, ffn = SHAPES[name]
+    cfg = OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
+                    vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=hidden)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = OPTForCausalLM(cfg).to(dtype)
+    model.eval().requires_grad_(False)
+    return model
+
+
+class Bench:
+    def __init__(self, args):
+        self.device = torch.device(args.device)
+        self.model = build(args.model, DTYPES[args.dtype], self.device)
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(4, 50000, (args.batch, args.seq), generator=g).to(self.device)
+        self.mask = torch.ones_like(self.ids)
+        self.labels = torch.tensor([i % 2 for i in range(args.batch)], device=self.device)
+        self.verb = torch.tensor([1000, 2000], device=self.device)
+        self.params = collect_params(self.model, None)
+        self.perturber = Perturber(self.params)
+        self.mezo = MeZO(self.params, self.perturber, lr=1e-9, eps=1e-3, seed=0)
+        self.decoder = self.model.model
+        self.head = self.model.get_output_embeddings().weight
+        self.step_no = 0
+
+    # --- edgezo -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def loss_needed_logits(self) -> float:
+        h = self.decoder(input_ids=self.ids, attention_mask=self.mask).last_hidden_state[:, -1]
+        logits = h.float() @ self.perturber.rows(self.head, self.verb).float().T
+        return float(F.cross_entropy(logits, self.labels))
+
+    def forward(self) -> None:
+        self.loss_needed_logits()
+
+    def edgezo(self) -> None:
+        with torch.inference_mode():
+            self.mezo.step(self.step_no, self.loss_needed_logits)
+        self.step_no += 1
+
+    # --- faithful MeZO reference (re-implemented from the algorithm) --------------------------
+    @torch.inference_mode()
+    def _ref_loss(self) -> float:
+        out = self.model(input_ids=self.ids, attention_mask=self.mask, labels=self.ids)
+        return float(out.loss)
+
+    @torch.inference_mode()
+    def _ref_perturb(self, seed: int, scale: float) -> None:
+        torch.manual_seed(seed)
+        for _, p in self.model.named_parameters():
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data + scale * 1e-3 * z
+
+    @torch.inference_mode()
+    def reference(self) -> None:
+        seed = 1000 + self.step_no
+        self._ref_perturb(seed, 1)
+        lp = self._ref_loss()
+        self._ref_perturb(seed, -2)
+        lm = self._ref_loss()
+        self._ref_perturb(seed, 1)
+        g = (lp - lm) / 2e-3
+        torch.manual_seed(seed)
+        for _, p in self.model.named_parameters():
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data - 1e-9 * g * z
+        self.step_no += 1
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+VARIANTS = ("forward", "reference", "edgezo")
+
+
+def time_all(b: Bench, reps: int, warmup: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(warmup + reps):
+        for v in VARIANTS:
+            b.sync()
+            t = time.perf_counter()
+            getattr(b, v)()
+            b.sync()
+            if r >= warmup:
+                times[v].append(time.perf_counter() - t)
+    return times
+
+
+def peak_cuda(b: Bench, variant: str) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    getattr(b, variant)()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def measured_peak_rss(fn) -> int:
+    """Peak RSS while fn runs: reset the kernel's high-water mark first (Linux clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: fall back to the lifetime peak
+        fn()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fn()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child_peak(args, variant: str) -> int:
+    """Peak RSS of a fresh process that builds the model and runs `variant` twice."""
+    cmd = [sys.executable, __file__, "--child", variant, "--model", args.model, "--dtype", args.dtype,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="opt-125m", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        b = Bench(args)
+        getattr(b, args.child)()  # warm-up: lazy allocations, thread pools
+        print(json.dumps({"peak_bytes": measured_peak_rss(lambda: getattr(b, args.child)())}))
+        return
+
+    b = Bench(args)
+    n_params = sum(p.param.numel() for p in b.params)
+    dev_name = torch.cuda.get_device_name() if b.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{args.model} shape ({n_params / 1e6:.0f} M params), {args.dtype}, batch {args.batch}, seq {args.seq}, "
+          f"{dev_name}, torch {torch.__version__}, {args.reps} reps after {args.warmup} warm-up")
+    times = time_all(b, args.reps, args.warmup)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    if b.device.type == "cuda":
+        peaks = {v: peak_cuda(b, v) for v in VARIANTS}
+        peak_kind = "max_memory_allocated"
+    else:
+        del b
+        peaks = {v: child_peak(args, v) for v in VARIANTS}
+        peak_kind = "peak RSS of a child process"
+    two_fwd = 2 * med["forward"]
+    print(f"\n{'variant':<12}{'median':>12}{'÷ two forwards':>17}{'peak':>12}{'÷ forward peak':>17}")
+    for v in VARIANTS:
+        print(f"{v:<12}{med[v] * 1e3:>10.1f}ms{med[v] / two_fwd:>17.2f}{peaks[v] / 2**20:>9.0f}MiB"
+              f"{peaks[v] / peaks['forward']:>17.3f}")
+    print(f"\nedgezo step ÷ two forwards:     {med['edgezo'] / two_fwd:.2f}")
+    print(f"MeZO-reference step ÷ edgezo:   {med['reference'] / med['edgezo']:.2f}")
+    print(f"edgezo peak ÷ forward peak:     {peaks['edgezo'] / peaks['forward']:.3f}  ({peak_kind})")
+    print(f"reference peak ÷ forward peak:  {peaks['reference'] / peaks['forward']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
