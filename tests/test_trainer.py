@@ -1,0 +1,134 @@
+"""The recipe end to end on a tiny model: report, replay, kill -9 and resume, spec errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgezo.cli import main as cli_main
+from edgezo.spec import load_spec
+from edgezo.trainer import prepare_job_dir, run_job
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _job(tmp_path, spec_dict, name="job", **overrides):
+    spec = load_spec({**spec_dict, **overrides})
+    return prepare_job_dir(tmp_path / name, spec)
+
+
+def _weights(job_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((job_dir / json.loads((job_dir / "spec.json").read_text())["output"]).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_writes_report_with_metrics_and_memory(tmp_path, tiny_spec_dict):
+    job = _job(tmp_path, tiny_spec_dict)
+    report = run_job(job)
+    on_disk = json.loads((job / "report.json").read_text())
+    assert on_disk["status"] == "done" and on_disk["steps_done"] == 6
+    assert 0.0 <= on_disk["metrics"]["zero_shot"]["accuracy"] <= 1.0
+    assert on_disk["metrics"]["final"]["n"] == 16
+    mem = report["memory"]
+    assert mem["peak_bytes"] >= mem["avg_bytes"] > 0
+    assert {"zo_step", "eval"} <= set(mem["phases"])
+    assert (job / "seedlog.ezl").stat().st_size > 0 and _weights(job)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_replay_rebuilds_trained_weights_bit_for_bit(tmp_path, tiny_spec_dict, precision):
+    job = _job(tmp_path, tiny_spec_dict, precision=precision, steps=9, snapshot_every=4, eval_size=0)
+    run_job(job)
+    trained = _weights(job)
+    for flag, out in (([], "replayed"), (["--from-base"], "from-base")):
+        assert cli_main(["replay", str(job), "--out", str(tmp_path / out), *flag]) == 0
+        replayed = {}
+        for f in (tmp_path / out).glob("*.safetensors"):
+            replayed.update(load_file(str(f)))
+        assert _same(trained, replayed), f"replay {flag} differs"
+
+
+def test_fixed_seed_reproduces_bit_for_bit(tmp_path, tiny_spec_dict):
+    a = _job(tmp_path, tiny_spec_dict, name="a", eval_size=0)
+    b = _job(tmp_path, tiny_spec_dict, name="b", eval_size=0)
+    run_job(a)
+    run_job(b)
+    assert _same(_weights(a), _weights(b))
+    c = _job(tmp_path, tiny_spec_dict, name="c", eval_size=0, seed=1)
+    run_job(c)
+    assert not _same(_weights(a), _weights(c))
+
+
+def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, tiny_spec_dict):
+    steps = 120
+    ref = _job(tmp_path, tiny_spec_dict, name="ref", steps=steps, eval_size=0, snapshot_every=25)
+    run_job(ref)
+
+    killed = _job(tmp_path, tiny_spec_dict, name="killed", steps=steps, eval_size=0, snapshot_every=25)
+    kill_at = random.Random().randint(5, 60)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "edgezo.cli", "resume", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    events = killed / "events.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if events.exists() and events.read_text().count('"kind": "step"') >= kill_at:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "report.json").exists(), "the run finished before it could be killed"
+
+    run_job(killed)  # resume from the seed-log
+    assert _same(_weights(ref), _weights(killed)), f"resume after SIGKILL near step {kill_at} diverged"
+    assert json.loads((killed / "report.json").read_text())["steps_done"] == steps
+
+
+def test_torn_log_tail_resumes_from_the_last_intact_step(tmp_path, tiny_spec_dict):
+    ref = _job(tmp_path, tiny_spec_dict, name="ref", steps=8, eval_size=0)
+    run_job(ref)
+    job = _job(tmp_path, tiny_spec_dict, name="torn", steps=8, eval_size=0)
+    run_job(job)
+    log = job / "seedlog.ezl"
+    log.write_bytes(log.read_bytes()[:-9])  # the last step's frame is torn
+    (job / "report.json").unlink()
+    from edgezo.seedlog import TornRecordWarning
+
+    with pytest.warns(TornRecordWarning):
+        run_job(job)
+    assert _same(_weights(ref), _weights(job))
+
+
+def test_spec_errors_name_the_field(tmp_path, tiny_spec_dict, capsys):
+    bad = dict(tiny_spec_dict, optim={"lr": "fast"})
+    spec_file = tmp_path / "bad.json"
+    spec_file.write_text(json.dumps(bad))
+    assert cli_main(["run", str(spec_file), "--job-dir", str(tmp_path / "j")]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    assert not (tmp_path / "j").exists()
+
+
+def test_bad_data_says_why(tmp_path, tiny_spec_dict):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "fine", "label": "meh"}\n')
+    job = _job(tmp_path, tiny_spec_dict, task={**tiny_spec_dict["task"], "train": str(rows)})
+    from edgezo.data import DataError
+
+    with pytest.raises(DataError, match="label 'meh'"):
+        run_job(job)
