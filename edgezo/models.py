@@ -54,6 +54,9 @@ def weights_hash(path: Path) -> str:
 def load(value: str, precision: str, device: torch.device):
     """(model, tokenizer, path). The model is frozen (no autograd): ZO never calls backward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress goes to stderr; one bar is enough
 
     path = model_path(value)
     if precision not in DTYPES:

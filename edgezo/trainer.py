@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,8 +159,8 @@ def load_trainable(engine: Engine, path: Path) -> None:
 class EventLog:
     """events.jsonl in the job dir (survives restarts) plus the supervisor's hooks."""
 
-    def __init__(self, path: Path, hooks: TrainerHooks):
-        self.path, self.hooks = path, hooks
+    def __init__(self, path: Path, hooks: TrainerHooks, verbose: bool = False):
+        self.path, self.hooks, self.verbose = path, hooks, verbose
 
     def emit(self, kind: str, **data) -> None:
         with open(self.path, "a") as f:
@@ -194,13 +195,13 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
     job_dir = Path(job_dir)
     hooks = hooks or TrainerHooks()
     spec = json.loads((job_dir / "spec.json").read_text())
-    events = EventLog(job_dir / "events.jsonl", hooks)
-    meter = MemoryMeter(device="cpu", interval=0.1)
+    events = EventLog(job_dir / "events.jsonl", hooks, verbose=progress)
+    device = resolve_device(spec["device"])
+    meter = MemoryMeter(device=f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu", interval=0.1)
     meter.start()
     try:
         with meter.phase("load"):
             engine = build_engine(spec)
-            meter.device = str(engine.device) if engine.device.type == "cuda" else "cpu"
             task = make_task(spec["task"], engine.model, engine.tokenizer, engine.perturber, spec["max_length"],
                              engine.device)
             train_path = data_path(spec["task"]["train"], "train")
@@ -226,9 +227,14 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
 
 
 def _evaluate(task, evalset, spec, meter, step: int, events: EventLog, tag: str) -> dict:
+    if events.verbose:
+        print(f"eval ({tag.replace('_', '-')}) on {len(evalset)} examples at step {step} ...", file=sys.stderr,
+              flush=True)
     with meter.phase("eval"):
         metrics = task.evaluate(evalset, spec["batch_size"])
     events.emit("eval", step=step, tag=tag, metrics=metrics)
+    if events.verbose:
+        print("  " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n"), file=sys.stderr, flush=True)
     return metrics
 
 

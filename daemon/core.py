@@ -1,0 +1,738 @@
+"""The daemon: one asyncio loop that samples memory, admits jobs, grants leases and supervises workers.
+
+Shaped like ollama's scheduler: every decision happens in `tick()`, in a fixed order, from one
+snapshot of the device:
+
+    sample -> expire leases -> enforce windows -> relieve pressure -> admit -> grant leases
+
+The decisions themselves are pure functions in `policies/`; this module only gathers their inputs
+and carries out their answers (spawning, pausing, killing workers). It never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import grp
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgezo.spec import SpecError, load_spec
+from policies import admission
+from policies import memory as mem
+
+from . import sdnotify, windows
+from .leases import Lease, LeaseBroker
+from .monitor import DeviceState, Monitor
+from .store import ACTIVE, FINAL, Job, Store
+
+log = logging.getLogger("edgezo.daemon")
+
+EXIT_DONE, EXIT_FAILED, EXIT_PAUSED, EXIT_CANCELLED = 0, 1, 3, 4
+
+
+@dataclass
+class Config:
+    state_dir: Path
+    socket_path: Path
+    budget: int | None = None  # None: 90% of the device's total
+    reserve: int = 256 * mem.MiB  # device memory never handed out (external-pressure margin)
+    sample_s: float = 0.5
+    heartbeat_s: float = 2.0
+    lease_ttl_s: float = 10.0
+    lease_policy: str = "fifo"
+    lease_max_wait_s: float = 30.0
+    admit_max_wait_s: float = 600.0
+    leases: bool = True
+    pressure_grace_s: float = 5.0
+    max_jobs: int | None = None
+    retries: int = 0  # re-run a worker killed by a signal this many times
+    stop_timeout_s: float = 30.0
+    cancel_grace_s: float = 10.0
+    device_index: int = 0
+    device_source: str | None = None  # "system": count system memory even where a GPU answers
+    engine: str | None = None  # worker engine override (EDGEZO_ENGINE), e.g. "synthetic"
+    runtime_overhead: int | None = None
+    socket_group: str = "edgezo"
+
+
+def _pdeathsig() -> None:
+    """In the worker before exec: get SIGTERM if the daemon dies (it then checkpoints and exits)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _pid_is_worker(pid: int, job_id: str) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"edgezo.worker" in cmd and job_id.encode() in cmd
+
+
+class Daemon:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.state_dir = Path(cfg.state_dir)
+        self.jobs_dir = self.state_dir / "jobs"
+        self.store: Store | None = None
+        self.jobs: dict[str, Job] = {}
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.monitor = Monitor(cfg.device_index, cfg.device_source)
+        self.leases = LeaseBroker(policy_name=cfg.lease_policy, max_wait_s=cfg.lease_max_wait_s,
+                                  ttl_s=cfg.lease_ttl_s, enabled=cfg.leases)
+        self.device: DeviceState | None = None
+        self.budget = 0
+        self.started = time.time()
+        self.stopping = False
+        self.over_since: float | None = None
+        self.timers = windows.Timers(self.wake)
+        self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._lock_fd: int | None = None
+        self._last_status = ""
+        self.group_gid = self._group_gid()
+        self.ticks = 0
+        self._acc: dict[str, list] = {}  # job -> [peak, area, duration, (last ts, last bytes)]
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self) -> None:
+        """State directory, lock, store, recovery; no sockets yet (tests can drive this directly)."""
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another edgezo daemon holds {self.state_dir}") from None
+        self.store = Store(self.state_dir / "edgezo.db")
+        self.device = self.monitor.sample(time.time(), {})
+        self.budget = self.cfg.budget or int(self.device.total * 0.9)
+        for job in self.store.load_jobs():
+            self.jobs[job.id] = job
+        self._recover()
+
+    def _recover(self) -> None:
+        """Jobs that were running when the previous daemon died resume from their seed-logs."""
+        now = time.time()
+        for job in self.jobs.values():
+            if job.state != "running":
+                continue
+            if job.pid and _pid_is_worker(job.pid, job.id):
+                self._reap_orphan(job.pid)
+            job.state, job.pid, job.control, job.phase = "paused", None, "run", ""
+            job.reason = "resuming after daemon restart (from its seed-log)"
+            job.queued_at = now
+            job.heartbeat = None
+            self._event(job, "recovered", {"step": job.step})
+            self._save(job)
+
+    @staticmethod
+    def _reap_orphan(pid: int) -> None:
+        """A worker of the dead daemon (pdeathsig already asked it to checkpoint): let it finish, then kill."""
+        deadline = time.time() + 15
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        while time.time() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    async def run(self, socks: list[socket.socket], server) -> int:
+        """Serve until SIGTERM/SIGINT; then stop workers at a step boundary and exit."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        for s in socks:
+            await server.serve(s)
+        self.timers.start()
+        for job in self.jobs.values():
+            if job.state in ACTIVE and (job.window or job.not_before):
+                self._watch_time(job)
+        self.tick(time.time())
+        sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status_line()}")
+        log.info("edgezo daemon ready on %s (budget %s, meter %s)", self.cfg.socket_path,
+                 mem.fmt_bytes(self.budget), self.device.source if self.device else "?")
+        watchdog = sdnotify.watchdog_interval()
+        last_dog = 0.0
+        last_sample = 0.0
+        while not self.stopping:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.sample_s)
+            self._wake.clear()
+            now = time.time()
+            if now - last_sample >= self.cfg.sample_s * 0.9:
+                self.sample(now)
+                last_sample = now
+            self.tick(now)
+            if watchdog and now - last_dog >= watchdog:
+                sdnotify.notify("WATCHDOG=1")
+                last_dog = now
+        sdnotify.notify("STOPPING=1\nSTATUS=stopping: pausing workers at a step boundary")
+        await self._shutdown()
+        await server.close()
+        self.timers.stop()
+        if self.store:
+            self.store.close()
+        self._stopped.set()
+        return 0
+
+    def request_stop(self) -> None:
+        if not self.stopping:
+            log.info("stopping: no new jobs; asking workers to checkpoint")
+            self.stopping = True
+            self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _shutdown(self) -> None:
+        for job in self._running():
+            job.control = "pause"
+            job.pause_reason = "daemon stopped; resumes when it starts again"
+            self._save(job)
+        deadline = time.time() + self.cfg.stop_timeout_s
+        while self.procs and time.time() < deadline:
+            await asyncio.sleep(0.1)
+        for job_id, proc in list(self.procs.items()):
+            log.warning("worker of %s did not stop in time: killing it", job_id)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        end = time.time() + 5
+        while self.procs and time.time() < end:
+            await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------ jobs
+    def _running(self) -> list[Job]:
+        return [j for j in self.jobs.values() if j.state == "running"]
+
+    def _save(self, job: Job) -> None:
+        if self.store:
+            self.store.save_job(job)
+
+    def _event(self, job: Job, kind: str, data: dict) -> None:
+        if self.store:
+            self.store.add_event(job.id, time.time(), kind, data)
+
+    def find(self, ref: str) -> Job | None:
+        if ref in self.jobs:
+            return self.jobs[ref]
+        named = [j for j in self.jobs.values() if j.name == ref]
+        if named:
+            return max(named, key=lambda j: j.seq)
+        return None
+
+    def enqueue(self, raw: dict, *, sets: list[str] | None = None, window: str | None = None,
+                at: str | None = None, owner_uid: int | None = None) -> Job:
+        if self.stopping:
+            raise RuntimeError("the daemon is stopping")
+        spec = load_spec(raw, sets)
+        window = window or spec.get("window")
+        for field, expr in (("window", window), ("at", at)):
+            if expr:
+                try:
+                    windows.validate(expr)
+                except ValueError as e:
+                    raise SpecError(field, str(e)) from None
+        spec["window"] = window
+        assert self.store is not None
+        seq = self.store.next_seq()
+        job_id = f"{spec['name']}-{seq}"
+        job_dir = self.jobs_dir / job_id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+        now = time.time()
+        job = Job(id=job_id, seq=seq, name=spec["name"], spec=spec, job_dir=str(job_dir), created=now,
+                  queued_at=now, steps_total=int(spec["steps"]), window=window, owner_uid=owner_uid)
+        if at:
+            nxt = windows.next_fire(at, datetime.now(timezone.utc))
+            job.not_before = nxt.timestamp() if nxt else None
+        # a job's own `budget` declares its allotment; otherwise the model-based estimate
+        job.estimate = int(spec["budget"]) if spec.get("budget") else self.estimate(spec).steady
+        self.jobs[job.id] = job
+        self._save(job)
+        self._event(job, "enqueued", {"estimate_bytes": job.estimate, "window": window, "not_before": job.not_before})
+        self._watch_time(job)
+        self.wake()
+        return job
+
+    def _watch_time(self, job: Job) -> None:
+        at = datetime.fromtimestamp(job.not_before, timezone.utc) if job.not_before else None
+        if job.window or at:
+            self.timers.watch(job.id, window=job.window, at=at)
+
+    def estimate(self, spec: dict) -> mem.Footprint:
+        cfg = model_config(spec["model"])
+        on_gpu = self.device is not None and self.device.source == "nvml" and spec.get("device") != "cpu"
+        fp = mem.estimate(
+            cfg or mem.SMOLLM2_135M,
+            precision=spec["precision"],
+            trainable=spec["trainable"],
+            batch_size=spec["batch_size"],
+            max_length=spec["max_length"],
+            method=spec["method"],
+            device="cuda" if on_gpu else "cpu",
+            runtime_overhead=self.cfg.runtime_overhead,
+        )
+        return fp
+
+    def cancel(self, job: Job) -> Job:
+        if job.state in FINAL:
+            return job
+        if job.state == "running":
+            job.control = "stop"
+            job.reason = "cancelling: waiting for the worker to stop at a step boundary"
+            self._spawn_task(self._escalate(job.id))
+        else:
+            job.state, job.finished, job.reason = "cancelled", time.time(), "cancelled before it ran"
+            self.timers.forget(job.id)
+        self._event(job, "cancel", {"state": job.state})
+        self._save(job)
+        self.wake()
+        return job
+
+    async def _escalate(self, job_id: str) -> None:
+        await asyncio.sleep(self.cfg.cancel_grace_s)
+        proc = self.procs.get(job_id)
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        await asyncio.sleep(5)
+        if self.procs.get(job_id) is proc:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ worker-facing
+    def worker_event(self, job: Job, kind: str, data: dict) -> dict:
+        now = time.time()
+        job.heartbeat = now
+        if kind == "start":
+            job.steps_total = int(data.get("steps_total", job.steps_total))
+            job.step = int(data.get("resumed_from", job.step) or 0)
+            job.phase = "zo_step"
+        elif kind == "step":
+            job.step = int(data.get("step", job.step)) + 1
+            job.loss = data.get("loss")
+            job.steps_per_s = data.get("steps_per_s")
+            if job.phase in ("", "load", "starting"):
+                job.phase = "zo_step"
+        elif kind == "phase":
+            p, state = data.get("phase", ""), data.get("state", "begin")
+            job.phase = p if state == "begin" else "zo_step"
+        self._event(job, kind, data)
+        if kind != "step":  # steps are saved with the next memory sample (see `sample`)
+            self._save(job)
+        return {"control": job.control}
+
+    def heartbeat(self, job: Job) -> dict:
+        job.heartbeat = time.time()
+        return {"control": job.control, "heartbeat_s": self.cfg.heartbeat_s}
+
+    def lease_request(self, job: Job, phase: str, nbytes: int) -> Lease:
+        now = time.time()
+        job.heartbeat = now
+        lease = self.leases.request(job.id, phase, nbytes, now)
+        if lease.granted is None and not self.stopping:
+            self._grant(now)
+        if lease.granted is not None and job.phase != phase:
+            job.phase = phase
+            self._event(job, "lease", {"phase": phase, "bytes": lease.nbytes, "waited_s": lease.granted - lease.requested})
+        return lease
+
+    def lease_release(self, job: Job, phase: str) -> Lease | None:
+        lease = self.leases.release(job.id, phase)
+        if lease is not None and job.phase == phase:
+            job.phase = "export" if job.step >= job.steps_total else "zo_step"
+        self.wake()
+        return lease
+
+    # ------------------------------------------------------------------ the loop
+    def sample(self, now: float) -> None:
+        pids = {j.id: j.pid for j in self._running() if j.pid}
+        self.device = self.monitor.sample(now, pids)
+        leased = self.leases.outstanding(self._usage)
+        rows = []
+        for job in self._running():
+            used = self.device.jobs.get(job.id, 0)
+            job.mem_now = used
+            job.mem_peak = max(job.mem_peak, used)
+            if used and job.phase == "zo_step" and job.step >= 1 and not self.leases.of_job(job.id):
+                job.measured = max(job.measured or 0, used)  # the estimate, refined by measurement
+            if job.pid:
+                rows.append((job.id, now, used, job.phase or "load"))
+                self._accumulate(job.id, now, used)
+            self._save(job)
+        if self.store:
+            self.store.add_samples(rows, (now, self.device.usage, self.device.edgezo, leased,
+                                          self.device.free, self.budget))
+
+    def _usage(self, job_id: str) -> int:
+        return self.device.jobs.get(job_id, 0) if self.device else 0
+
+    def _steady(self, job: Job) -> int:
+        """What admission reserves for a job: a declared `budget` is an allotment the job may grow
+        into (kept even when it measures less); a model-based estimate yields to measurement."""
+        if job.spec.get("budget"):
+            return max(int(job.spec["budget"]), job.measured or 0)
+        return mem.refine(job.estimate, job.measured)
+
+    def pending(self) -> int:
+        """Memory promised but not yet visible in measurements: starting workers and fresh leases."""
+        unmeasured = sum(max(self._steady(j) - self._usage(j.id), 0) for j in self._running())
+        return unmeasured + self.leases.outstanding(self._usage)
+
+    def headroom(self) -> int:
+        dev = self.device
+        assert dev is not None
+        pend = self.pending()
+        return admission.headroom(self.budget, dev.usage + pend, dev.free - pend, self.cfg.reserve)
+
+    def tick(self, now: float) -> None:
+        self.ticks += 1
+        if self.device is None:
+            return
+        for lease in self.leases.expire(now, self._heartbeat_of):
+            log.warning("lease %s of %s expired (worker stopped heartbeating)", lease.phase, lease.job_id)
+            job = self.jobs.get(lease.job_id)
+            if job:
+                self._event(job, "lease-expired", {"phase": lease.phase, "bytes": lease.nbytes})
+        if not self.stopping:
+            self._enforce_windows(now)
+            self._relieve_pressure(now)
+            self._admit(now)
+            self._grant(now)
+        status = self._status_line()
+        if status != self._last_status:
+            sdnotify.notify(f"STATUS={status}")
+            self._last_status = status
+
+    def _heartbeat_of(self, job_id: str) -> float | None:
+        job = self.jobs.get(job_id)
+        if job is None or job.state != "running":
+            return None
+        return job.heartbeat
+
+    def _enforce_windows(self, now: float) -> None:
+        dt = datetime.fromtimestamp(now, timezone.utc)
+        for job in self._running():
+            if job.window and job.control == "run" and not windows.in_window(job.window, dt):
+                self._pause(job, f"outside its window '{job.window}'")
+
+    def _relieve_pressure(self, now: float) -> None:
+        dev = self.device
+        assert dev is not None
+        over = max(dev.usage - self.budget, self.cfg.reserve - dev.free if dev.free < self.cfg.reserve else 0)
+        if over <= 0:
+            self.over_since = None
+            return
+        if self.over_since is None:
+            self.over_since = now
+        if now - self.over_since < self.cfg.pressure_grace_s:
+            return
+        if any(j.control == "pause" for j in self._running()):
+            return  # one at a time: wait for that one to checkpoint and free its memory
+        victims = [(j.id, j.started or 0.0) for j in self._running() if j.control == "run"]
+        victim = admission.pressure_victim(victims, over)
+        if victim:
+            self._pause(self.jobs[victim], f"memory pressure: {mem.fmt_bytes(dev.usage)} used, "
+                                           f"budget {mem.fmt_bytes(self.budget)}, {mem.fmt_bytes(dev.free)} free")
+            self.over_since = now
+
+    def _pause(self, job: Job, why: str) -> None:
+        job.control = "pause"
+        job.pause_reason = why
+        self._event(job, "pause", {"reason": why})
+        self._save(job)
+
+    def _admit(self, now: float) -> None:
+        dt = datetime.fromtimestamp(now, timezone.utc)
+        candidates = []
+        for job in self.jobs.values():
+            if job.state not in ("queued", "paused"):
+                continue
+            if job.not_before and now < job.not_before:
+                job.reason = f"waiting: starts at {datetime.fromtimestamp(job.not_before).isoformat(timespec='minutes')}"
+                continue
+            if job.window and not windows.in_window(job.window, dt):
+                opening, _ = windows.window_edges(job.window, dt)
+                when = f" (opens {opening.isoformat(timespec='minutes')})" if opening else ""
+                job.reason = f"waiting: outside its window '{job.window}'{when}"
+                continue
+            candidates.append(admission.Candidate(job.id, self._steady(job), job.queued_at, job.state == "paused"))
+        if not candidates:
+            return
+        dev = self.device
+        assert dev is not None
+        pend = self.pending()
+        decisions = admission.admit(
+            candidates,
+            budget=self.budget,
+            committed=dev.usage + pend,
+            device_free=dev.free - pend,
+            now=now,
+            reserve=self.cfg.reserve,
+            max_wait_s=self.cfg.admit_max_wait_s,
+            max_jobs=self.cfg.max_jobs,
+            running=len(self._running()),
+        )
+        for d in decisions:
+            job = self.jobs[d.job_id]
+            if d.start:
+                self._start(job, now)
+            elif job.reason != d.reason:
+                job.reason = d.reason
+                self._save(job)
+
+    def _grant(self, now: float) -> None:
+        if self.device is None:
+            return
+        for lease in self.leases.grant(self.headroom(), now, self._usage):
+            job = self.jobs.get(lease.job_id)
+            if job:
+                self._event(job, "lease-granted", {"phase": lease.phase, "bytes": lease.nbytes,
+                                                   "waited_s": round(now - lease.requested, 3)})
+
+    # ------------------------------------------------------------------ workers
+    def _start(self, job: Job, now: float) -> None:
+        resumed = job.state == "paused"
+        job.state, job.control, job.reason, job.phase = "running", "run", "", "load"
+        job.pause_reason = ""
+        job.started, job.heartbeat = now, now
+        job.attempts += 1
+        self._event(job, "admitted", {"need_bytes": self._steady(job), "resume": resumed,
+                                      "headroom_bytes": self.headroom()})
+        self._save(job)
+        self._spawn_task(self._run_worker(job))
+
+    def worker_env(self, job: Job) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "EDGEZO_HEARTBEAT_S": str(self.cfg.heartbeat_s),
+            "EDGEZO_SOCKET": str(self.cfg.socket_path),
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+        })
+        for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
+            env.pop(key, None)
+        if self.cfg.engine:
+            env["EDGEZO_ENGINE"] = self.cfg.engine
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return env
+
+    async def _run_worker(self, job: Job) -> None:
+        job_dir = Path(job.job_dir)
+        with contextlib.suppress(FileNotFoundError):
+            (job_dir / "failure.json").unlink()
+        cmd = [sys.executable, "-m", "edgezo.worker", str(job_dir), "--socket", str(self.cfg.socket_path),
+               "--job-id", job.id]
+        with open(job_dir / "worker.log", "ab") as logf:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=asyncio.subprocess.STDOUT,
+                    env=self.worker_env(job), cwd=str(job_dir), start_new_session=True, preexec_fn=_pdeathsig,
+                )
+            except OSError as e:
+                self._finish(job, None, f"could not start the worker: {e}")
+                return
+        job.pid = proc.pid
+        self.procs[job.id] = proc
+        self._save(job)
+        rc = await proc.wait()
+        self.procs.pop(job.id, None)
+        self._finish(job, rc, None)
+
+    def _finish(self, job: Job, rc: int | None, error: str | None) -> None:
+        now = time.time()
+        self.leases.drop_job(job.id)
+        job.pid, job.heartbeat = None, None
+        job_dir = Path(job.job_dir)
+        failure = _read_json(job_dir / "failure.json")
+        report = _read_json(job_dir / "report.json") if rc == EXIT_DONE else None
+        if rc == EXIT_DONE:
+            job.state, job.reason = "done", ""
+            if report:
+                job.step = int(report.get("steps_done", job.step))
+        elif job.control == "stop" and rc in (EXIT_CANCELLED, EXIT_PAUSED) or (job.control == "stop" and rc and rc < 0):
+            job.state, job.reason = "cancelled", "cancelled"
+        elif rc == EXIT_CANCELLED:
+            job.state, job.reason = "cancelled", "cancelled by the worker"
+        elif rc == EXIT_PAUSED:
+            job.state = "paused"
+            job.reason = job.pause_reason or "paused"
+            job.queued_at = now
+        else:
+            if error:
+                reason = error
+            elif failure and failure.get("reason"):
+                reason = str(failure["reason"])
+            elif rc is not None and rc < 0:
+                reason = f"killed by signal {-rc} ({signal.Signals(-rc).name})" if -rc in signal.valid_signals() \
+                    else f"killed by signal {-rc}"
+            else:
+                reason = f"worker exited with code {rc} (see `edgezo logs {job.id}`)"
+            retry = rc is not None and rc < 0 and job.attempts <= self.cfg.retries and not self.stopping
+            if retry:
+                job.state, job.queued_at = "paused", now
+                job.reason = f"restarting after: {reason} (attempt {job.attempts + 1} of {self.cfg.retries + 1})"
+            else:
+                job.state, job.reason = "failed", reason
+        if self.stopping and job.state == "paused":
+            job.reason = "daemon stopped; resumes when it starts again"
+        if job.state in FINAL:
+            job.finished = now
+            self.timers.forget(job.id)
+        job.control, job.phase = "run", ""
+        self._event(job, "exit", {"code": rc, "state": job.state, "reason": job.reason,
+                                  "failure": failure or None})
+        self._save(job)
+        log.info("job %s: worker exited %s -> %s %s", job.id, rc, job.state, job.reason)
+        self.wake()
+
+    # ------------------------------------------------------------------ views
+    def _status_line(self) -> str:
+        states = [j.state for j in self.jobs.values()]
+        dev = self.device
+        used = mem.fmt_bytes(dev.usage) if dev else "?"
+        return (f"{states.count('running')} running, {states.count('queued') + states.count('paused')} waiting; "
+                f"{used} of {mem.fmt_bytes(self.budget)} budget")
+
+    def job_view(self, job: Job) -> dict[str, Any]:
+        d = job.public()
+        d.pop("spec")
+        now = time.time()
+        d["need_bytes"] = self._steady(job)
+        d["leases"] = [lease.public(now) for lease in self.leases.of_job(job.id)]
+        d["method"] = job.spec.get("method")
+        d["model"] = job.spec.get("model")
+        if job.state == "running" and job.control != "run":
+            d["reason"] = job.pause_reason if job.control == "pause" else job.reason
+        if job.state == "running" and job.pid is None:
+            d["phase"] = "starting"
+        peak, avg = self._running_summary(job)
+        d["mem_avg"] = avg
+        d["mem_peak"] = max(job.mem_peak, peak)
+        return d
+
+    def _running_summary(self, job: Job) -> tuple[int, int]:
+        """(peak, time-weighted avg) kept incrementally, so `status` never rescans the samples."""
+        acc = self._acc.get(job.id)
+        if acc is None:
+            full = self.memory(job)
+            acc = self._acc[job.id] = [full["peak_bytes"], full["avg_bytes"] * full["duration_s"],
+                                       full["duration_s"], None]
+        return int(acc[0]), int(acc[1] / acc[2]) if acc[2] > 0 else int(acc[0])
+
+    def _accumulate(self, job_id: str, now: float, used: int) -> None:
+        if job_id not in self._acc:
+            self._running_summary(self.jobs[job_id])  # a job from before a restart: start from its history
+        acc = self._acc[job_id]
+        if acc[3] is not None:
+            prev_t, prev_b = acc[3]
+            acc[1] += prev_b * (now - prev_t)
+            acc[2] += now - prev_t
+        acc[0] = max(acc[0], used)
+        acc[3] = (now, used)
+
+    def memory(self, job: Job) -> dict[str, Any]:
+        from .store import memory_summary
+
+        assert self.store is not None
+        summary = memory_summary(self.store.samples(job.id))
+        summary["meter"] = f"daemon:{self.device.source if self.device else 'unknown'}"
+        return summary
+
+    def device_view(self) -> dict[str, Any]:
+        dev = self.device
+        assert dev is not None
+        now = time.time()
+        return {
+            "source": dev.source,
+            "name": dev.name,
+            "total_bytes": dev.total,
+            "used_bytes": dev.used,
+            "free_bytes": dev.free,
+            "budget_bytes": self.budget,
+            "reserve_bytes": self.cfg.reserve,
+            "usage_bytes": dev.usage,
+            "edgezo_bytes": dev.edgezo,
+            "external_bytes": dev.external,
+            "pending_bytes": self.pending(),
+            "headroom_bytes": self.headroom(),
+            "budget_applies_to": "sum of edgezo workers' RSS" if dev.source == "system" else "device used memory",
+            "sampled_at": dev.ts,
+            "leases_enabled": self.cfg.leases,
+            "lease_policy": self.cfg.lease_policy,
+            "running": [{"job": j.id, "bytes": self._usage(j.id), "phase": j.phase} for j in self._running()],
+            "leases": [lease.public(now) for lease in self.leases.leases.values()],
+        }
+
+    def authorize(self, peer) -> bool:
+        if peer is None:
+            return False
+        if peer.uid in (0, os.getuid()):
+            return True
+        if self.group_gid is None:
+            return False
+        return peer.gid == self.group_gid or self.group_gid in _proc_groups(peer.pid)
+
+    def _group_gid(self) -> int | None:
+        try:
+            return grp.getgrnam(self.cfg.socket_group).gr_gid
+        except KeyError:
+            return None
+
+
+def _proc_groups(pid: int) -> set[int]:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def model_config(model: str) -> dict | None:
+    """The HF config of a local model directory (no torch), None for `default`/GGUF/unknown."""
+    if model == "default":
+        return None
+    p = Path(model)
+    cfg_path = p / "config.json" if p.is_dir() else None
+    if cfg_path and cfg_path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            cfg = json.loads(cfg_path.read_text())
+            return cfg.get("text_config", cfg) if isinstance(cfg, dict) else None
+    return None

@@ -1,0 +1,82 @@
+"""Starting the daemon: directories, the listening socket (or systemd's), then the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import socket
+from pathlib import Path
+
+from . import sdnotify
+from .api import build_router
+from .core import Config, Daemon
+from .http import Server
+
+log = logging.getLogger("edgezo.daemon")
+
+
+def default_state_dir(user: bool) -> Path:
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if user:
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "edgezo"
+    return Path("/var/lib/edgezo")
+
+
+def bind_socket(path: Path, group: str = "edgezo") -> socket.socket:
+    """Listen on `path` with mode 0660 (group `group` where it exists). Refuses a live socket."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: its daemon is gone
+        else:
+            raise SystemExit(f"another edgezo daemon is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o660)
+    with contextlib.suppress(KeyError, PermissionError):
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    sock.listen(128)
+    return sock
+
+
+def serve(cfg: Config) -> int:
+    logging.basicConfig(level=os.environ.get("EDGEZO_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    inherited = sdnotify.listen_fds()
+    daemon = Daemon(cfg)
+    daemon.open()
+    if inherited:
+        socks = inherited
+        with contextlib.suppress(OSError):
+            name = socks[0].getsockname()
+            if isinstance(name, str) and name:
+                cfg.socket_path = Path(name)  # workers must dial what systemd listens on
+        log.info("socket activation: %d inherited socket(s)", len(socks))
+    else:
+        socks = [bind_socket(cfg.socket_path, cfg.socket_group)]
+    server = Server(build_router(daemon), daemon.authorize)
+
+    async def main() -> int:
+        return await daemon.run(socks, server)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        if not inherited:
+            with contextlib.suppress(OSError):
+                cfg.socket_path.unlink()

@@ -1,0 +1,176 @@
+"""The daemon's SQLite store (WAL): jobs, their events, and memory samples.
+
+The daemon is the only writer. Jobs live in memory as `Job` objects and are written through on
+every change; events and samples are appended and read back for logs, reports and /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, seq INTEGER, data TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, ts REAL NOT NULL,
+    kind TEXT NOT NULL, data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
+CREATE TABLE IF NOT EXISTS samples (
+    job_id TEXT NOT NULL, ts REAL NOT NULL, bytes INTEGER NOT NULL, phase TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS samples_job ON samples (job_id, ts);
+CREATE TABLE IF NOT EXISTS device_samples (
+    ts REAL NOT NULL, used INTEGER, edgezo INTEGER, leased INTEGER, free INTEGER, budget INTEGER
+);
+"""
+
+# queued: never ran; paused: ran before and resumes from its seed-log; running includes starting.
+ACTIVE = ("queued", "paused", "running")
+FINAL = ("done", "failed", "cancelled")
+
+
+@dataclass
+class Job:
+    id: str
+    seq: int
+    name: str
+    spec: dict
+    job_dir: str
+    created: float
+    state: str = "queued"
+    queued_at: float = 0.0  # when it last became a candidate (bounded-wait clock)
+    started: float | None = None
+    finished: float | None = None
+    step: int = 0  # steps done
+    steps_total: int = 0
+    steps_per_s: float | None = None
+    loss: float | None = None
+    reason: str = ""  # why it waits / paused / failed
+    window: str | None = None
+    not_before: float | None = None  # --at: not before this time
+    estimate: int = 0
+    measured: int | None = None  # steady footprint measured after the first step
+    pid: int | None = None
+    attempts: int = 0
+    control: str = "run"  # what the worker is told: run | pause | stop
+    pause_reason: str = ""
+    phase: str = ""
+    mem_now: int = 0
+    mem_peak: int = 0
+    heartbeat: float | None = None
+    owner_uid: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+
+_JOB_FIELDS = {f.name for f in fields(Job)}
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # jobs ------------------------------------------------------------------
+    def save_job(self, job: Job) -> None:
+        self.db.execute(
+            "INSERT INTO jobs (id, seq, data) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET data=excluded.data",
+            (job.id, job.seq, json.dumps(asdict(job))),
+        )
+
+    def load_jobs(self) -> list[Job]:
+        out = []
+        for (data,) in self.db.execute("SELECT data FROM jobs ORDER BY seq"):
+            d = json.loads(data)
+            out.append(Job(**{k: v for k, v in d.items() if k in _JOB_FIELDS}))
+        return out
+
+    def next_seq(self) -> int:
+        (n,) = self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()
+        return int(n)
+
+    # events ----------------------------------------------------------------
+    def add_event(self, job_id: str, ts: float, kind: str, data: dict) -> int:
+        cur = self.db.execute(
+            "INSERT INTO events (job_id, ts, kind, data) VALUES (?, ?, ?, ?)", (job_id, ts, kind, json.dumps(data))
+        )
+        return int(cur.lastrowid)
+
+    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[dict]:
+        rows = self.db.execute(
+            "SELECT id, ts, kind, data FROM events WHERE job_id=? AND id>? ORDER BY id LIMIT ?", (job_id, after, limit)
+        )
+        return [{"id": i, "ts": ts, "kind": k, "data": json.loads(d)} for i, ts, k, d in rows]
+
+    # samples ---------------------------------------------------------------
+    def add_samples(self, rows: list[tuple[str, float, int, str]], device: tuple | None) -> None:
+        self.db.execute("BEGIN")
+        self.db.executemany("INSERT INTO samples (job_id, ts, bytes, phase) VALUES (?, ?, ?, ?)", rows)
+        if device is not None:
+            self.db.execute("INSERT INTO device_samples VALUES (?, ?, ?, ?, ?, ?)", device)
+        self.db.execute("COMMIT")
+
+    def samples(self, job_id: str) -> list[tuple[float, int, str]]:
+        return list(self.db.execute("SELECT ts, bytes, phase FROM samples WHERE job_id=? ORDER BY ts", (job_id,)))
+
+    def device_samples(self, since: float = 0.0, until: float | None = None) -> list[tuple]:
+        until = float("inf") if until is None else until
+        return list(
+            self.db.execute(
+                "SELECT ts, used, edgezo, leased, free, budget FROM device_samples WHERE ts>=? AND ts<=? ORDER BY ts",
+                (since, until),
+            )
+        )
+
+
+def memory_summary(samples: list[tuple[float, int, str]]) -> dict[str, Any]:
+    """Peak and time-weighted average, overall and per phase, from (ts, bytes, phase) samples.
+
+    Each sample holds until the next one (step function); the last one weighs as the median gap.
+    """
+    if not samples:
+        return {"peak_bytes": 0, "avg_bytes": 0, "duration_s": 0.0, "samples": 0, "phases": {}}
+    gaps = [b[0] - a[0] for a, b in zip(samples, samples[1:], strict=False)]
+    last_gap = sorted(gaps)[len(gaps) // 2] if gaps else 0.0
+    gaps.append(last_gap)
+    total_t = sum(gaps)
+    phases: dict[str, dict[str, float]] = {}
+    for (_, nbytes, phase), dt in zip(samples, gaps, strict=True):
+        p = phases.setdefault(phase or "unknown", {"peak_bytes": 0, "area": 0.0, "duration_s": 0.0, "n": 0})
+        p["peak_bytes"] = max(p["peak_bytes"], nbytes)
+        p["area"] += nbytes * dt
+        p["duration_s"] += dt
+        p["n"] += 1
+    out_phases = {
+        name: {
+            "peak_bytes": int(p["peak_bytes"]),
+            "avg_bytes": int(p["area"] / p["duration_s"]) if p["duration_s"] > 0 else int(p["peak_bytes"]),
+            "duration_s": round(p["duration_s"], 3),
+            "samples": int(p["n"]),
+        }
+        for name, p in phases.items()
+    }
+    area = sum(s[1] * dt for s, dt in zip(samples, gaps, strict=True))
+    return {
+        "peak_bytes": max(s[1] for s in samples),
+        "avg_bytes": int(area / total_t) if total_t > 0 else samples[0][1],
+        "duration_s": round(total_t, 3),
+        "samples": len(samples),
+        "phases": out_phases,
+    }

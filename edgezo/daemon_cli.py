@@ -1,0 +1,403 @@
+"""The daemon's CLI commands: daemon, enqueue, status, cancel, logs, and `report` for daemon jobs.
+
+Each command takes the argparse Namespace and returns an exit code. The client commands import
+only the socket client (no torch, no transformers), so they answer in a fraction of a second.
+`python -m edgezo.daemon_cli COMMAND ...` runs them without the main `edgezo` entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgezo.client import ApiError, Client, DaemonNotRunning, system_socket, user_socket
+
+GiB = 1024**3
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def _client(args) -> Client:
+    return Client(getattr(args, "socket", None))
+
+
+def _guard(fn):
+    """Turn 'no daemon' and API errors into one clear line and an exit code."""
+
+    def wrapped(args) -> int:
+        try:
+            return fn(args)
+        except DaemonNotRunning as e:
+            return _fail(str(e), 3)
+        except ApiError as e:
+            body = e.body if isinstance(e.body, dict) else {}
+            return _fail(body.get("error") or str(e), 2 if e.status in (400, 404, 409, 422) else 1)
+        except KeyboardInterrupt:
+            return 130
+
+    wrapped.__name__ = fn.__name__
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+# ------------------------------------------------------------------------------ daemon
+def cmd_daemon(args) -> int:
+    """Run the daemon in the foreground (systemd runs it the same way, Type=notify)."""
+    from daemon.core import Config
+    from daemon.main import default_state_dir, serve
+    from edgezo.spec import SpecError, parse_size
+
+    user = args.user or not _is_root()  # without root there is no /var/lib/edgezo or /run/edgezo to use
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(user)
+    sock = Path(args.socket) if args.socket else user_socket() if user else system_socket()
+    try:
+        budget = parse_size(args.budget, "--budget") if args.budget else None
+        reserve = 256 * 2**20 if args.reserve is None else 0 if args.reserve.strip() in ("0", "0B") \
+            else parse_size(args.reserve, "--reserve")
+        overhead = parse_size(args.runtime_overhead, "--runtime-overhead") if args.runtime_overhead else None
+    except SpecError as e:
+        return _fail(e.message, 2)
+    cfg = Config(
+        state_dir=state_dir,
+        socket_path=sock,
+        budget=budget,
+        reserve=reserve,
+        sample_s=args.sample_interval,
+        heartbeat_s=args.heartbeat,
+        lease_ttl_s=args.lease_ttl,
+        lease_policy=args.lease_policy,
+        lease_max_wait_s=args.lease_max_wait,
+        admit_max_wait_s=args.admit_max_wait,
+        leases=not args.no_leases,
+        pressure_grace_s=args.pressure_grace,
+        max_jobs=args.max_jobs,
+        retries=args.retries,
+        stop_timeout_s=args.stop_timeout,
+        device_index=args.device_index,
+        device_source="system" if args.system_memory else None,
+        engine=args.engine,
+        runtime_overhead=overhead,
+    )
+    return serve(cfg)
+
+
+def _is_root() -> bool:
+    import os
+
+    return os.getuid() == 0
+
+
+# ------------------------------------------------------------------------------ enqueue
+@_guard
+def cmd_enqueue(args) -> int:
+    """Validate a spec here (naming the bad field), then queue it on the daemon."""
+    from edgezo.spec import SpecError, load_spec, read_spec_file
+
+    try:
+        raw = read_spec_file(args.spec) if args.spec != "default" else {}
+        load_spec(raw, args.set)  # validate before bothering the daemon
+    except SpecError as e:
+        return _fail(str(e), 2)
+    raw = _absolute_paths(raw, Path(args.spec).parent if args.spec != "default" else Path.cwd())
+    job = _client(args).enqueue(raw, sets=args.set, window=args.window, at=args.at)
+    if args.json:
+        print(json.dumps(job, indent=2))
+    else:
+        extra = f" ({job['reason']})" if job.get("reason") else ""
+        print(f"{job['id']} queued: needs ~{fmt_bytes(job.get('need_bytes'))}{extra}")
+    return 0
+
+
+def _absolute_paths(raw: dict, base: Path) -> dict:
+    """Relative model/data paths are relative to the spec file, not to the daemon's directory."""
+    out = dict(raw)
+
+    def fix(value):
+        if isinstance(value, str) and value != "default" and not Path(value).is_absolute() and (base / value).exists():
+            return str((base / value).resolve())
+        return value
+
+    if "model" in out:
+        out["model"] = fix(out["model"])
+    if isinstance(out.get("task"), dict):
+        task = dict(out["task"])
+        for key in ("train", "eval"):
+            if key in task:
+                task[key] = fix(task[key])
+        out["task"] = task
+    return out
+
+
+# ------------------------------------------------------------------------------ status
+COLUMNS = ("JOB", "STATE", "STEP", "STEPS/S", "MEM NOW", "PEAK", "AVG", "PHASE", "LEASE")
+
+
+def _lease_cell(job: dict) -> str:
+    cells = []
+    for lease in job.get("leases") or []:
+        if lease["state"] == "granted":
+            cells.append(f"{lease['phase']} {fmt_bytes(lease['bytes'])}")
+        else:
+            cells.append(f"{lease['phase']} waiting {lease['waited_s']:.0f}s")
+    return ", ".join(cells) or "-"
+
+
+def _row(job: dict) -> tuple[str, ...]:
+    state = job["state"]
+    if state == "running" and job.get("control") == "pause":
+        state = "pausing"
+    elif state == "running" and job.get("control") == "stop":
+        state = "stopping"
+    running = job["state"] == "running"
+    return (
+        job["id"],
+        state,
+        f"{job.get('step', 0)}/{job.get('steps_total', '?')}",
+        f"{job['steps_per_s']:.2f}" if running and job.get("steps_per_s") else "-",
+        fmt_bytes(job.get("mem_now")) if running else "-",
+        fmt_bytes(job.get("mem_peak")) if job.get("mem_peak") else "-",
+        fmt_bytes(job.get("mem_avg")) if job.get("mem_avg") else "-",
+        (job.get("phase") or "-") if running else "-",
+        _lease_cell(job),
+    )
+
+
+def render_status(listing: dict) -> str:
+    jobs = listing.get("jobs", [])
+    rows = [COLUMNS] + [_row(j) for j in jobs]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["   ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    for j in jobs:
+        if j.get("reason") and j["state"] in ("queued", "paused", "failed", "running"):
+            lines.append(f"  {j['id']}: {j['reason']}")
+    dev = listing.get("device") or {}
+    if dev.get("budget_bytes") is not None:
+        lines.append(f"device ({dev.get('source')}): {fmt_bytes(dev.get('usage_bytes'))} used of budget "
+                     f"{fmt_bytes(dev.get('budget_bytes'))}, headroom {fmt_bytes(dev.get('headroom_bytes'))}")
+    return "\n".join(lines)
+
+
+def render_job(job: dict) -> str:
+    keys = ("id", "state", "reason", "step", "steps_total", "steps_per_s", "loss", "phase", "mem_now", "mem_peak",
+            "mem_avg", "need_bytes", "window", "attempts", "job_dir", "pid")
+    out = []
+    for k in keys:
+        v = job.get(k)
+        if v in (None, ""):
+            continue
+        if k.startswith("mem_") or k == "need_bytes":
+            v = fmt_bytes(v)
+        out.append(f"{k:12} {v}")
+    out.append(f"{'lease':12} {_lease_cell(job)}")
+    return "\n".join(out)
+
+
+@_guard
+def cmd_status(args) -> int:
+    """`ollama ps` for fine-tuning jobs; with JOB, one job in detail."""
+    c = _client(args)
+    if args.job:
+        job = c.job(args.job)
+        print(json.dumps(job, indent=2) if args.json else render_job(job))
+        return 0
+    listing = c.jobs()
+    print(json.dumps(listing, indent=2) if args.json else render_status(listing))
+    return 0
+
+
+@_guard
+def cmd_cancel(args) -> int:
+    job = _client(args).cancel(args.job)
+    print(f"{job['id']}: {job['state']}" + (f" ({job['reason']})" if job.get("reason") else ""))
+    return 0
+
+
+@_guard
+def cmd_logs(args) -> int:
+    """The worker's log (progress lines, tracebacks); -f follows it until the job ends."""
+    c = _client(args)
+    from urllib.parse import quote
+
+    path = f"/jobs/{quote(args.job, safe='')}/logs"
+    if args.follow:
+        for chunk in c.stream(path + "?follow=1"):
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        return 0
+    sys.stdout.write(c.request("GET", path))
+    return 0
+
+
+# ------------------------------------------------------------------------------ report
+def remote_report(job: str, as_json: bool = False, plot_png: str | None = None, socket: str | None = None) -> int:
+    """`edgezo report JOB` for a daemon job: the trainer's report plus the daemon's memory accounting."""
+
+    @_guard
+    def run(_args) -> int:
+        c = Client(socket)
+        report = c.report(job)
+        if plot_png:
+            plot_memory(c.memory(job), plot_png)
+            print(f"wrote {plot_png}", file=sys.stderr)
+        print(json.dumps(report, indent=2) if as_json else render_report(report))
+        return 0
+
+    return run(None)
+
+
+def render_report(report: dict) -> str:
+    memory = report.get("memory") or {}
+    lines = [f"job        {report.get('job', {}).get('id', '?')}",
+             f"status     {report.get('status')}",
+             f"steps      {report.get('steps_done')}"]
+    metrics = report.get("metrics") or {}
+    for key in ("zero_shot", "final"):
+        if metrics.get(key) is not None:
+            lines.append(f"{key:10} {json.dumps(metrics[key])}")
+    lines.append(f"memory     peak {fmt_bytes(memory.get('peak_bytes'))}, avg {fmt_bytes(memory.get('avg_bytes'))}"
+                 f" ({memory.get('meter')})")
+    for name, p in (memory.get("phases") or {}).items():
+        lines.append(f"  {name:10} peak {fmt_bytes(p.get('peak_bytes'))}, avg {fmt_bytes(p.get('avg_bytes'))}, "
+                     f"{p.get('duration_s', 0):.1f} s")
+    d = memory.get("daemon")
+    if d:
+        lines.append(f"daemon     peak {fmt_bytes(d.get('peak_bytes'))}, avg {fmt_bytes(d.get('avg_bytes'))} "
+                     f"({d.get('meter')}, {d.get('samples')} samples)")
+        for name, p in (d.get("phases") or {}).items():
+            lines.append(f"  {name:10} peak {fmt_bytes(p.get('peak_bytes'))}, avg {fmt_bytes(p.get('avg_bytes'))}, "
+                         f"{p.get('duration_s', 0):.1f} s")
+    if report.get("job", {}).get("reason"):
+        lines.append(f"reason     {report['job']['reason']}")
+    return "\n".join(lines)
+
+
+def plot_memory(timeline: dict, png: str) -> None:
+    """The job's memory over time, phases shaded, the device budget as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = timeline.get("samples") or []
+    fig, ax = plt.subplots(figsize=(9, 4))
+    if samples:
+        t0 = samples[0]["ts"]
+        xs = [s["ts"] - t0 for s in samples]
+        ys = [s["bytes"] / 2**20 for s in samples]
+        colours = {}
+        palette = ["#cfe8ff", "#ffe1c4", "#d9f2d0", "#f3d1f4", "#fff3b0", "#e0e0e0"]
+        start = 0
+        for i in range(1, len(samples) + 1):
+            if i == len(samples) or samples[i]["phase"] != samples[start]["phase"]:
+                phase = samples[start]["phase"]
+                colour = colours.setdefault(phase, palette[len(colours) % len(palette)])
+                end = xs[i] if i < len(samples) else xs[-1]
+                ax.axvspan(xs[start], end, color=colour, alpha=0.8, lw=0,
+                           label=phase if phase not in ax.get_legend_handles_labels()[1] else None)
+                start = i
+        ax.plot(xs, ys, color="#1f4e79", lw=1.5, label="job memory")
+        dev = timeline.get("device") or []
+        if dev:
+            ax.plot([d["ts"] - t0 for d in dev], [d["usage"] / 2**20 for d in dev], color="#888", lw=1, ls=":",
+                    label="all jobs (budgeted usage)")
+    budget = timeline.get("budget_bytes")
+    if budget:
+        ax.axhline(budget / 2**20, color="#c00000", ls="--", lw=1.2, label="budget")
+    ax.set_xlabel("seconds since start")
+    ax.set_ylabel("MiB")
+    ax.set_title(f"memory of {timeline.get('job')}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ wiring
+def _socket_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", help="daemon socket (default: $EDGEZO_SOCKET, then the user and system defaults)")
+
+
+def add_commands(sub) -> None:
+    d = sub.add_parser("daemon", help="run the scheduling daemon (foreground; systemd/--user)")
+    d.add_argument("--user", action="store_true", help="user mode: state in ~/.local/state, socket in $XDG_RUNTIME_DIR")
+    d.add_argument("--state-dir", help="state directory (SQLite store and job directories)")
+    _socket_arg(d)
+    d.add_argument("--budget", help="memory budget, e.g. 6GiB (default: 90%% of the device)")
+    d.add_argument("--reserve", help="device memory never handed out (default 256MiB)")
+    d.add_argument("--foreground", action="store_true", help="accepted for clarity: the daemon always runs in the foreground")
+    d.add_argument("--sample-interval", type=float, default=0.5, help="seconds between memory samples")
+    d.add_argument("--heartbeat", type=float, default=2.0, help="seconds between worker heartbeats")
+    d.add_argument("--lease-ttl", type=float, default=10.0, help="a lease expires this long after the last heartbeat")
+    d.add_argument("--lease-policy", choices=("fifo", "phase-offset"), default="fifo")
+    d.add_argument("--lease-max-wait", type=float, default=30.0, help="bounded wait: no overtaking after this")
+    d.add_argument("--admit-max-wait", type=float, default=600.0, help="bounded wait for admission")
+    d.add_argument("--no-leases", action="store_true", help="grant every lease at once (benchmarks: no staggering)")
+    d.add_argument("--pressure-grace", type=float, default=5.0, help="seconds over budget before a job is paused")
+    d.add_argument("--max-jobs", type=int, help="at most this many running jobs")
+    d.add_argument("--retries", type=int, default=0, help="re-run a worker killed by a signal this many times")
+    d.add_argument("--stop-timeout", type=float, default=30.0, help="seconds to let workers checkpoint on stop")
+    d.add_argument("--device-index", type=int, default=0)
+    d.add_argument("--system-memory", action="store_true", help="budget system memory even where a GPU answers")
+    d.add_argument("--engine", help="worker engine: trainer (default) | synthetic | module:function")
+    d.add_argument("--runtime-overhead", help="per-worker runtime memory for estimates (default 384MiB CPU, 512MiB CUDA)")
+    d.set_defaults(func=cmd_daemon)
+
+    e = sub.add_parser("enqueue", help="queue a job on the daemon")
+    e.add_argument("spec", help="spec file (YAML/JSON), or 'default'")
+    e.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec field (repeatable)")
+    when = e.add_mutually_exclusive_group()
+    when.add_argument("--window", metavar="CRON", help="run only inside this cron window, e.g. '* 1-5 * * *'")
+    when.add_argument("--at", metavar="CRON", help="start at the next time this cron expression fires")
+    e.add_argument("--json", action="store_true")
+    _socket_arg(e)
+    e.set_defaults(func=cmd_enqueue)
+
+    s = sub.add_parser("status", help="jobs on the daemon (like `ollama ps`)")
+    s.add_argument("job", nargs="?")
+    s.add_argument("--json", action="store_true")
+    _socket_arg(s)
+    s.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("cancel", help="cancel a queued or running job")
+    c.add_argument("job")
+    _socket_arg(c)
+    c.set_defaults(func=cmd_cancel)
+
+    lg = sub.add_parser("logs", help="a job's worker log")
+    lg.add_argument("job")
+    lg.add_argument("-f", "--follow", action="store_true")
+    _socket_arg(lg)
+    lg.set_defaults(func=cmd_logs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edgezo")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_commands(sub)
+    r = sub.add_parser("report", help="a daemon job's report")
+    r.add_argument("job")
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--plot", metavar="PNG")
+    _socket_arg(r)
+    r.set_defaults(func=lambda a: remote_report(a.job, a.json, a.plot, a.socket))
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

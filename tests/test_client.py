@@ -1,0 +1,72 @@
+"""The torch-free socket client and the CLI's client commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgezo import client
+from edgezo.client import Client, DaemonNotRunning, discover_socket
+
+
+def test_discovery_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.delenv("EDGEZO_SOCKET", raising=False)
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    assert discover_socket("/x/explicit.sock") == Path("/x/explicit.sock")
+    monkeypatch.setenv("EDGEZO_SOCKET", "/x/env.sock")
+    assert discover_socket(None) == Path("/x/env.sock")
+    monkeypatch.delenv("EDGEZO_SOCKET")
+    user = tmp_path / "edgezo" / "edgezo.sock"
+    monkeypatch.setattr(client, "SYSTEM_SOCKET", tmp_path / "system.sock")
+    # nothing exists: the default for who asks
+    assert discover_socket(None) in (user, tmp_path / "system.sock")
+    (tmp_path / "system.sock").touch()
+    assert discover_socket(None) == tmp_path / "system.sock"
+    user.parent.mkdir()
+    user.touch()
+    assert discover_socket(None) == user  # the user daemon wins over the system one
+
+
+def test_no_daemon_gives_a_clear_message(tmp_path):
+    sock = tmp_path / "none.sock"
+    with pytest.raises(DaemonNotRunning) as e:
+        Client(sock).jobs()
+    assert str(e.value).startswith(f"no edgezo daemon at {sock}: start one with `edgezo daemon --user`")
+    r = subprocess.run([sys.executable, "-m", "edgezo.daemon_cli", "status", "--socket", str(sock)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 3 and "no edgezo daemon at" in r.stderr
+
+
+def test_client_commands_stay_light():
+    code = (
+        "import sys, time; t = time.perf_counter()\n"
+        "import edgezo.client, edgezo.daemon_cli, edgezo.worker\n"
+        "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'daemon.core') if m in sys.modules]\n"
+        "print(heavy, time.perf_counter() - t)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    heavy, _ = r.stdout.rsplit("]", 1)
+    assert heavy == "[", r.stdout + r.stderr
+
+
+def test_status_answers_fast_against_a_real_daemon():
+    from tests.test_daemon_util import DaemonProc
+
+    d = DaemonProc().start()
+    try:
+        t = time.perf_counter()
+        r = d.cli("status")
+        elapsed = time.perf_counter() - t
+        assert r.returncode == 0 and r.stdout.startswith("JOB")
+        assert elapsed < 2.0  # a whole interpreter start included; the request itself is ~ms
+        c = Client(d.socket)
+        for _ in range(20):  # keep-alive connection reused
+            c.health()
+        c.close()
+    finally:
+        d.cleanup()

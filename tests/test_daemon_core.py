@@ -1,0 +1,167 @@
+"""The daemon's pieces in-process: store summaries, lease broker, windows, pressure, routing."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import time
+from datetime import datetime
+
+import pytest
+
+from daemon import windows
+from daemon.core import Config, Daemon
+from daemon.http import HTTPError, Router
+from daemon.leases import LeaseBroker
+from daemon.monitor import DeviceState
+from daemon.store import Job, memory_summary
+
+MiB = 2**20
+
+
+def test_memory_summary_is_time_weighted_per_phase():
+    samples = [(0.0, 100, "zo_step"), (1.0, 100, "zo_step"), (2.0, 400, "eval"), (2.5, 100, "zo_step"),
+               (3.5, 100, "zo_step")]
+    s = memory_summary(samples)
+    assert s["peak_bytes"] == 400
+    # step function: 100 for 2 s, 400 for 0.5 s, 100 for 1 s + last sample weighs the median gap (1 s)
+    assert s["avg_bytes"] == int((100 * 2 + 400 * 0.5 + 100 * 1 + 100 * 1) / 4.5)
+    assert s["phases"]["eval"] == {"peak_bytes": 400, "avg_bytes": 400, "duration_s": 0.5, "samples": 1}
+    assert memory_summary([])["peak_bytes"] == 0
+
+
+def test_lease_broker_counts_only_what_measurement_does_not_show_yet():
+    b = LeaseBroker(ttl_s=5)
+    usage = {"a": 100 * MiB}
+    lease = b.request("a", "eval", 50 * MiB, now=0)
+    assert [x.key for x in b.grant(60 * MiB, 0, lambda j: usage[j])] == ["a/eval"]
+    assert lease.granted == 0 and b.outstanding(lambda j: usage[j]) == 50 * MiB
+    usage["a"] = 130 * MiB  # the phase has allocated 30 of its 50 MiB
+    assert b.outstanding(lambda j: usage[j]) == 20 * MiB
+    b.request("b", "eval", 80 * MiB, now=1)
+    assert b.grant(40 * MiB, 1, lambda j: 0) == []  # does not fit: keeps waiting
+    assert b.expire(3, lambda j: 2.9) == []
+    gone = b.expire(7, lambda j: 1.0 if j == "a" else 6.9)  # a stopped heartbeating; b stopped asking
+    assert {x.key for x in gone} == {"a/eval", "b/eval"}
+
+
+def test_disabled_leases_grant_everything():
+    b = LeaseBroker(enabled=False)
+    b.request("a", "eval", 10**12, 0)
+    assert len(b.grant(0, 0, lambda j: 0)) == 1
+
+
+def test_window_semantics():
+    t = datetime(2025, 1, 1, 3, 30).astimezone()
+    assert windows.in_window("* 1-5 * * *", t)
+    assert windows.in_window("0 1-5 * * *", t)  # a single minute widens to the whole hour
+    assert not windows.in_window("* 6-7 * * *", t)
+    assert windows.in_window("15-45 3 * * *", t) and not windows.in_window("40-45 3 * * *", t)
+    opening, closing = windows.window_edges("* 1-5 * * *", t)
+    assert opening is None and closing.hour == 6 and closing.minute == 0
+    opening, _ = windows.window_edges("* 6 * * *", t)
+    assert opening.hour == 6
+    with pytest.raises(ValueError):
+        windows.validate("not cron")
+
+
+@pytest.fixture
+def core(tmp_path):
+    d = Daemon(Config(state_dir=tmp_path / "state", socket_path=tmp_path / "s.sock", budget=1000 * MiB,
+                      reserve=0, pressure_grace_s=1.0))
+    d.open()
+    yield d
+    d.store.close()
+
+
+def _running(d: Daemon, job_id: str, started: float, **kw) -> Job:
+    kw.setdefault("pid", None)
+    job = Job(id=job_id, seq=len(d.jobs) + 1, name=job_id, spec={"budget": None, "steps": 10}, job_dir="/nonexistent",
+              created=started, state="running", started=started, estimate=300 * MiB, **kw)
+    d.jobs[job_id] = job
+    return job
+
+
+def _device(used: int, free: int = 10**12) -> DeviceState:
+    return DeviceState(ts=time.time(), source="system", name="test", total=10**12, used=used, free=free,
+                       edgezo=used, jobs={}, rss={})
+
+
+def test_pressure_pauses_the_youngest_after_the_grace(core):
+    old = _running(core, "old", 1.0)
+    young = _running(core, "young", 2.0)
+    core.device = _device(1200 * MiB)
+    core._relieve_pressure(100.0)
+    assert old.control == young.control == "run"  # within the grace period
+    core._relieve_pressure(101.5)
+    assert young.control == "pause" and old.control == "run"
+    assert "memory pressure" in young.pause_reason
+    core._relieve_pressure(103.0)
+    assert old.control == "run"  # one at a time
+    core.device = _device(500 * MiB)
+    core._relieve_pressure(104.0)
+    assert core.over_since is None
+
+
+def test_external_pressure_through_available_memory(core):
+    core.cfg.reserve = 256 * MiB
+    job = _running(core, "only", 1.0)
+    core.device = _device(100 * MiB, free=100 * MiB)  # the system is nearly out of memory
+    core._relieve_pressure(10.0)
+    core._relieve_pressure(11.5)
+    assert job.control == "pause"
+
+
+def test_window_closing_pauses_a_running_job(core):
+    hour = time.localtime().tm_hour
+    job = _running(core, "night", 1.0, window=f"* {(hour + 2) % 24} * * *")
+    core._enforce_windows(time.time())
+    assert job.control == "pause" and "outside its window" in job.pause_reason
+
+
+def test_admission_uses_declared_budget_and_measurement(core):
+    core.device = _device(0)
+    job = _running(core, "a", 1.0)
+    assert core._steady(job) == 300 * MiB
+    job.measured = 120 * MiB
+    assert core._steady(job) == 120 * MiB
+    job.spec["budget"] = 200 * MiB
+    assert core._steady(job) == 200 * MiB  # a declared allotment is kept even when it measures less
+    assert core.headroom() == 1000 * MiB - 200 * MiB
+
+
+def test_recovery_marks_running_jobs_for_resume(tmp_path):
+    cfg = Config(state_dir=tmp_path / "state", socket_path=tmp_path / "s.sock", budget=1000 * MiB)
+    d = Daemon(cfg)
+    d.open()
+    job = _running(d, "r", 1.0, pid=999999)
+    d._save(job)
+    d.store.close()
+    fcntl.flock(d._lock_fd, fcntl.LOCK_UN)
+    os.close(d._lock_fd)
+    d2 = Daemon(cfg)
+    d2.open()
+    again = d2.jobs["r"]
+    assert again.state == "paused" and again.pid is None and "daemon restart" in again.reason
+    d2.store.close()
+
+
+def test_router_matches_and_rejects():
+    r = Router()
+
+    async def h(req):
+        return None
+
+    r.add("GET", "/jobs/{id}", h)
+    r.add("POST", "/jobs/{id}/cancel", h, mutating=True)
+    handler, params, mutating = r.match("GET", "/jobs/abc-1")
+    assert params == {"id": "abc-1"} and not mutating
+    assert r.match("POST", "/jobs/x/cancel")[2]
+    with pytest.raises(HTTPError) as e:
+        r.match("DELETE", "/jobs/x")
+    assert e.value.status == 405
+    with pytest.raises(HTTPError) as e:
+        r.match("GET", "/nope")
+    assert e.value.status == 404
+    assert asyncio.run(h(None)) is None

@@ -1,0 +1,140 @@
+"""Pure policies: estimates, admission, lease choice. No I/O, time is an argument."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from policies import admission, leases
+from policies import memory as mem
+
+MiB, GiB = mem.MiB, mem.GiB
+
+
+def test_param_count_matches_smollm2_135m():
+    n = mem.count_params(mem.SMOLLM2_135M)
+    assert 130e6 < n < 140e6
+
+
+def test_estimate_scales_with_dtype_batch_and_runtime():
+    cfg = mem.SMOLLM2_135M
+    fp32 = mem.estimate(cfg, precision="fp32", batch_size=16, max_length=128)
+    fp16 = mem.estimate(cfg, precision="fp16", batch_size=16, max_length=128)
+    big = mem.estimate(cfg, precision="fp32", batch_size=64, max_length=128)
+    assert fp32.weights == 2 * fp16.weights
+    assert big.activations > 3 * fp32.activations
+    assert fp32.steady == fp32.runtime + fp32.weights + fp32.activations
+    cuda = mem.estimate(cfg, device="cuda")
+    assert cuda.runtime == mem.RUNTIME_OVERHEAD["cuda"]
+    assert mem.estimate(cfg, runtime_overhead=0).runtime == 0
+    dizo = mem.estimate(cfg, method="dizo")
+    assert dizo.steady > fp32.steady and dizo.heavy["projection"] > 0
+
+
+def test_refine_prefers_measurement():
+    assert mem.refine(900, None) == 900
+    assert mem.refine(900, 400) == 400
+
+
+def test_fmt_bytes():
+    assert mem.fmt_bytes(int(3.1 * GiB)) == "3.1 GiB"
+    assert mem.fmt_bytes(512 * MiB) == "512.0 MiB"
+    assert mem.fmt_bytes(None) == "-"
+
+
+def C(job, need, at, resume=False):
+    return admission.Candidate(job, need, at, resume)
+
+
+def test_admission_fits_two_and_says_why_the_third_waits():
+    ds = admission.admit([C("a", 2 * GiB, 0), C("b", 2 * GiB, 1), C("c", int(3.1 * GiB), 2)],
+                         budget=6 * GiB, committed=0, device_free=None, now=10)
+    assert [d.start for d in ds] == [True, True, False]
+    assert ds[2].reason == "waiting: needs 3.1 GiB, 2.0 GiB free under budget 6.0 GiB"
+
+
+def test_admission_counts_external_pressure_through_device_free():
+    ds = admission.admit([C("a", 1 * GiB, 0)], budget=6 * GiB, committed=0, device_free=int(1.2 * GiB),
+                         reserve=512 * MiB, now=0)
+    assert not ds[0].start and "device has 1.2 GiB free" in ds[0].reason
+
+
+def test_admission_backfills_until_the_head_has_waited_too_long():
+    cands = [C("big", 5 * GiB, 0), C("small", 1 * GiB, 1)]
+    early = admission.admit(cands, budget=6 * GiB, committed=2 * GiB, device_free=None, now=10, max_wait_s=60)
+    assert [d.start for d in early] == [False, True]
+    late = admission.admit(cands, budget=6 * GiB, committed=2 * GiB, device_free=None, now=61, max_wait_s=60)
+    assert [d.start for d in late] == [False, False]
+    assert "behind big" in late[1].reason
+
+
+def test_admission_resumed_jobs_first_and_max_jobs():
+    ds = admission.admit([C("new", 1, 0), C("old", 1, 5, resume=True)], budget=10, committed=0,
+                         device_free=None, now=6, max_jobs=1)
+    assert [(d.job_id, d.start) for d in ds] == [("old", True), ("new", False)]
+
+
+def test_pressure_victim_is_the_youngest():
+    assert admission.pressure_victim([("a", 1.0), ("b", 5.0)], over_bytes=1) == "b"
+    assert admission.pressure_victim([("a", 1.0)], over_bytes=0) is None
+
+
+def R(key, nbytes, since, period=None):
+    return leases.Request(key, key.split("/")[0], "eval", nbytes, since, period)
+
+
+def test_fifo_grants_in_order_while_they_fit():
+    reqs = [R("a/eval", 3, 0), R("b/eval", 3, 1), R("c/eval", 3, 2)]
+    assert leases.choose(reqs, headroom=7, now=3) == ["a/eval", "b/eval"]
+
+
+def test_fifo_bounded_wait_blocks_overtaking():
+    reqs = [R("big/eval", 8, 0), R("small/eval", 2, 1)]
+    assert leases.choose(reqs, headroom=5, now=5, max_wait_s=30) == ["small/eval"]
+    assert leases.choose(reqs, headroom=5, now=31, max_wait_s=30) == []
+    assert leases.choose(reqs, headroom=8, now=31, max_wait_s=30) == ["big/eval"]
+
+
+def test_phase_offsets_spread_a_group_evenly():
+    offs = leases.phase_offsets({"a": 10.0, "b": 10.5, "c": 9.8, "z": 60.0})
+    same = sorted(offs[j] for j in ("a", "b", "c"))
+    assert same[0] == 0 and abs(same[1] - 10.1 / 3) < 1e-6 and abs(same[2] - 20.2 / 3) < 1e-6
+    assert offs["z"] == 0
+
+
+def test_phase_offset_policy_spaces_grants_within_a_group():
+    reqs = [R("a/eval", 1, 0, 9.0), R("b/eval", 1, 0.1, 9.0), R("c/eval", 1, 0.2, 9.0)]
+    # plenty of memory, but b and c were just preceded by a: they wait T/n = 3 s
+    periods = {"a": 9.0, "b": 9.0, "c": 9.0}
+    assert leases.choose(reqs, headroom=100, now=1, policy="phase-offset", periods=periods) == ["a/eval"]
+    later = reqs[1:]
+    assert leases.choose(later, headroom=100, now=2, policy="phase-offset", last_grant={"a": 1}, periods=periods) == []
+    assert leases.choose(later, headroom=100, now=4.1, policy="phase-offset", last_grant={"a": 1},
+                         periods=periods) == ["b/eval"]
+    # bounded: an overdue request is not held back by spacing
+    assert leases.choose(reqs[2:], headroom=100, now=40, policy="phase-offset", last_grant={"b": 39.9},
+                         max_wait_s=30) == ["c/eval"]
+
+
+def test_unknown_policy_is_an_error():
+    with pytest.raises(ValueError):
+        leases.choose([], headroom=1, now=0, policy="lifo")
+
+
+def test_policies_are_pure_stdlib():
+    allowed = {"__future__", "dataclasses", "typing"}
+    for path in Path(admission.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [] if node.level else [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+        src = path.read_text()
+        assert "time.time(" not in src and "open(" not in src, path.name
