@@ -89,12 +89,71 @@ def cmd_report(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         print(json.dumps(report, indent=2) if args.json else render(report))
         return 0
-    try:
-        from edgezo import daemon_cli
-    except ImportError:
-        print(f"error: {job} is not a job directory", file=sys.stderr)
-        return 2
+    from edgezo import daemon_cli
+
     return daemon_cli.remote_report(args.job, args.json, args.plot, socket=getattr(args, "socket", None))
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """The main job, as a user runs it: a user-mode daemon, the default job enqueued and followed."""
+    import subprocess
+
+    from edgezo.client import Client, DaemonNotRunning, discover_socket
+    from edgezo.daemon_cli import render_report
+
+    sock = discover_socket(args.socket)
+    client = Client(sock, timeout=30)
+    daemon = None
+    try:
+        client.health()
+        print(f"using the edgezo daemon at {sock}", file=sys.stderr)
+    except DaemonNotRunning:
+        log_path = Path(args.log)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "edgezo.cli", "daemon", "--user", "--socket", str(sock)]
+        if args.budget:
+            cmd += ["--budget", args.budget]
+        print(f"starting a user-mode daemon on {sock} (log: {log_path})", file=sys.stderr)
+        daemon = subprocess.Popen(cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.health()
+                break
+            except DaemonNotRunning:
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    print(f"error: the daemon did not start; see {log_path}", file=sys.stderr)
+                    return 1
+                time.sleep(0.2)
+    try:
+        from edgezo.spec import load_spec, read_spec_file
+
+        load_spec(DEFAULT_SPEC, args.set)  # validate here, naming the field
+        job = client.enqueue(read_spec_file(DEFAULT_SPEC), sets=args.set)
+        job_id = job["id"]
+        print(f"enqueued {job_id}; following it (Ctrl-C stops following, the job goes on)", file=sys.stderr)
+        last = ""
+        while True:
+            info = client.job(job_id)
+            state = info.get("state")
+            line = (f"{job_id}: {state}, step {info.get('step', 0)}/{info.get('steps_total') or '?'}"
+                    + (f", phase {info['phase']}" if info.get("phase") else "")
+                    + (f" ({info['reason']})" if info.get("reason") and state != "running" else ""))
+            if line != last:
+                print(line, file=sys.stderr, flush=True)
+                last = line
+            if state in ("done", "failed", "cancelled"):
+                break
+            time.sleep(2)
+        print(render_report(client.report(job_id)))
+        return 0 if state == "done" else 1
+    finally:
+        if daemon is not None and not args.keep_daemon:
+            daemon.terminate()
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,12 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--socket", help="daemon socket path")
     rep.set_defaults(func=cmd_report)
 
-    try:
-        from edgezo import daemon_cli
-    except ImportError:
-        daemon_cli = None
-    if daemon_cli is not None:
-        daemon_cli.add_commands(sub)
+    q = sub.add_parser("quickstart", help="start a user-mode daemon, run the default job on it, print its report")
+    q.add_argument("--socket", help="daemon socket (default: the user-mode socket)")
+    q.add_argument("--budget", help="memory budget for a daemon started here (e.g. 6GiB)")
+    q.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a field of the default spec")
+    q.add_argument("--keep-daemon", action="store_true", help="leave the daemon running afterwards")
+    q.add_argument("--log", default=str(Path.home() / ".local" / "state" / "edgezo" / "quickstart-daemon.log"))
+    q.set_defaults(func=cmd_quickstart)
+
+    from edgezo import daemon_cli
+
+    daemon_cli.add_commands(sub)
     return p
 
 

@@ -109,7 +109,9 @@ def cmd_enqueue(args) -> int:
     from edgezo.spec import SpecError, load_spec, read_spec_file
 
     try:
-        raw = read_spec_file(args.spec) if args.spec != "default" else {}
+        from edgezo.cli import DEFAULT_SPEC
+
+        raw = read_spec_file(args.spec if args.spec != "default" else DEFAULT_SPEC)
         load_spec(raw, args.set)  # validate before bothering the daemon
     except SpecError as e:
         return _fail(str(e), 2)
@@ -261,19 +263,13 @@ def remote_report(job: str, as_json: bool = False, plot_png: str | None = None, 
 
 
 def render_report(report: dict) -> str:
+    """The trainer's report as `edgezo report JOB_DIR` prints it, plus the daemon's own measurements."""
+    from edgezo.report import render
+
     memory = report.get("memory") or {}
-    lines = [f"job        {report.get('job', {}).get('id', '?')}",
-             f"status     {report.get('status')}",
-             f"steps      {report.get('steps_done')}"]
-    metrics = report.get("metrics") or {}
-    for key in ("zero_shot", "final"):
-        if metrics.get(key) is not None:
-            lines.append(f"{key:10} {json.dumps(metrics[key])}")
-    lines.append(f"memory     peak {fmt_bytes(memory.get('peak_bytes'))}, avg {fmt_bytes(memory.get('avg_bytes'))}"
-                 f" ({memory.get('meter')})")
-    for name, p in (memory.get("phases") or {}).items():
-        lines.append(f"  {name:10} peak {fmt_bytes(p.get('peak_bytes'))}, avg {fmt_bytes(p.get('avg_bytes'))}, "
-                     f"{p.get('duration_s', 0):.1f} s")
+    lines = [f"daemon job {report.get('job', {}).get('id', '?')}", render(report)] if report.get("steps_total") \
+        else [f"job        {report.get('job', {}).get('id', '?')}", f"status     {report.get('status')}",
+              f"steps      {report.get('steps_done')}"]
     d = memory.get("daemon")
     if d:
         lines.append(f"daemon     peak {fmt_bytes(d.get('peak_bytes'))}, avg {fmt_bytes(d.get('avg_bytes'))} "

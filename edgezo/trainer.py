@@ -13,6 +13,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +158,17 @@ def load_trainable(engine: Engine, path: Path) -> None:
             p.param.copy_(state[p.name])
 
 
+@contextmanager
+def _phase(meter: MemoryMeter, events: EventLog, name: str) -> Iterator[None]:
+    """A phase the daemon should see (its memory samples are labelled by it): begin/end events."""
+    events.hooks.on_event("phase", {"phase": name, "state": "begin"})
+    try:
+        with meter.phase(name):
+            yield
+    finally:
+        events.hooks.on_event("phase", {"phase": name, "state": "end"})
+
+
 class EventLog:
     """events.jsonl in the job dir (survives restarts) plus the supervisor's hooks."""
 
@@ -200,7 +213,7 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
     meter = MemoryMeter(device=f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu", interval=0.1)
     meter.start()
     try:
-        with meter.phase("load"):
+        with _phase(meter, events, "load"):
             engine = build_engine(spec)
             task = make_task(spec["task"], engine.model, engine.tokenizer, engine.perturber, spec["max_length"],
                              engine.device)
@@ -230,7 +243,7 @@ def _evaluate(task, evalset, spec, meter, step: int, events: EventLog, tag: str)
     if events.verbose:
         print(f"eval ({tag.replace('_', '-')}) on {len(evalset)} examples at step {step} ...", file=sys.stderr,
               flush=True)
-    with meter.phase("eval"):
+    with _phase(meter, events, "eval"):
         metrics = task.evaluate(evalset, spec["batch_size"])
     events.emit("eval", step=step, tag=tag, metrics=metrics)
     if events.verbose:
@@ -312,7 +325,7 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
             evals["final"] = _evaluate(task, evalset, spec, meter, total, events, "final")
         finally:
             hooks.release_lease("eval")
-    with meter.phase("export"):
+    with _phase(meter, events, "export"):
         out = job_dir / spec["output"]
         engine.model.save_pretrained(out)
         engine.tokenizer.save_pretrained(out)
@@ -333,7 +346,7 @@ def _maybe_project(engine: Engine, task, batch, step: int, writer, events: Event
     if method.heavy and not hooks.try_lease("projection", lease):
         return False
     try:
-        with meter.phase("projection"):
+        with _phase(meter, events, "projection"):
             before = task.objective(batch)
             rec = method.project(step, lambda: task.objective(batch), lambda: task.loss(batch))
             rec.loss_before, rec.loss_after = before, task.objective(batch)
