@@ -1,6 +1,6 @@
 """Does DiZO learn faster than MeZO? Same model, data, seed, batch, lr and eps; one run each.
 
-    python bench/learning.py                     # CPU defaults: ~45 min on 2 cores
+    python bench/learning.py                     # CPU defaults: ~35 min on 2 idle cores
     python bench/learning.py --steps 2000 --eval-every 100 --eval-size 500 --device cuda
 
 Prints (a) the steps DiZO needs to reach MeZO's final dev accuracy divided by MeZO's steps
@@ -95,7 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-5)

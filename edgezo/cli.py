@@ -85,8 +85,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if (job / "spec.json").is_file():
         report = load_report(job)
         if args.plot:
-            print("--plot needs the daemon's memory samples; ask the daemon: edgezo report JOB_ID --plot",
-                  file=sys.stderr)
+            print("--plot draws the daemon's memory samples: use it with a daemon job id", file=sys.stderr)
         print(json.dumps(report, indent=2) if args.json else render(report))
         return 0
     from edgezo import daemon_cli

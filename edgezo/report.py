@@ -5,15 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgezo.memory import format_bytes
+
 
 def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+    return "-" if n is None else format_bytes(n)
 
 
 def load_report(job_dir: Path) -> dict:
