@@ -59,6 +59,13 @@ class Engine:
 def build_engine(spec: dict) -> Engine:
     device = resolve_device(spec["device"])
     model, tok, path = load(spec["model"], spec["precision"], device)
+    if spec["trainable"] == "lora":  # adapters from the job seed, so replay/resume rebuild the same start
+        from edgezo.lora import LoraError, wrap
+
+        try:
+            model = wrap(model, spec["lora"], spec["seed"])
+        except LoraError as e:
+            raise TrainingError(str(e)) from None
     params = collect_params(model, trainable_patterns(spec["trainable"]))
     if not params:
         raise TrainingError(f"trainable: no parameter name matches {spec['trainable']}")
@@ -271,15 +278,11 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
     proj_due = engine.pending_projection
     proj_lease = projection_lease_bytes(engine, bs, spec["max_length"])
     lease_bytes = eval_lease_bytes(engine, bs, spec["max_length"])
-    t0, done_here, last_snapshot = time.monotonic(), 0, start - 1
+    t0, done_here = time.monotonic(), 0
     step = start
     try:
         while step < total:
-            action = hooks.control()
-            if action in ("pause", "stop"):
-                writer.sync()
-                events.emit("paused" if action == "pause" else "cancelled", step=step)
-                raise Paused(step) if action == "pause" else Cancelled(step)
+            _obey(hooks, writer, events, step)
             batch = [train[i] for i in batch_indices(len(train), bs, step, spec["seed"])]
             with meter.phase("zo_step"):
                 rec = engine.method.step(step, lambda b=batch: task.objective(b))
@@ -301,7 +304,6 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
             step += 1
             if spec["snapshot_every"] and step % spec["snapshot_every"] == 0 and step < total:
                 _snapshot(engine, writer, job_dir, step - 1, events)
-                last_snapshot = step - 1
             if evalset and spec["eval_every"] and step % spec["eval_every"] == 0 and step < total:
                 eval_due = True
             if eval_due and hooks.try_lease("eval", lease_bytes):
@@ -310,24 +312,31 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 finally:
                     hooks.release_lease("eval")
                 eval_due = False
+        # Nothing left to overlap with: wait for the leases, never drop a due projection or the final eval.
+        while proj_due and step > 0:
+            _wait_for_lease(hooks, writer, events, step)
+            batch = [train[i] for i in batch_indices(len(train), bs, step - 1, spec["seed"])]
+            proj_due = not _maybe_project(engine, task, batch, step - 1, writer, events, meter, hooks, proj_lease)
+        while evalset and not hooks.try_lease("eval", lease_bytes):
+            _wait_for_lease(hooks, writer, events, step)
     finally:
         if bar is not None:
             bar.close()
         writer.sync()
-    del last_snapshot
 
     if evalset:
-        granted = hooks.try_lease("eval", lease_bytes)
-        while not granted:  # nothing left to overlap with: wait for the lease, never skip the final eval
-            time.sleep(0.2)
-            granted = hooks.try_lease("eval", lease_bytes)
         try:
             evals["final"] = _evaluate(task, evalset, spec, meter, total, events, "final")
         finally:
             hooks.release_lease("eval")
     with _phase(meter, events, "export"):
         out = job_dir / spec["output"]
-        engine.model.save_pretrained(out)
+        if spec["trainable"] == "lora":  # a standard peft adapter dir, for PeftModel.from_pretrained
+            from edgezo.lora import save_adapter
+
+            save_adapter(engine.model, out)
+        else:
+            engine.model.save_pretrained(out)
         engine.tokenizer.save_pretrained(out)
     writer.close()
     wall = time.monotonic() - t0
@@ -335,6 +344,20 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
     write_json_atomic(job_dir / "report.json", report)
     events.emit("done", report={k: report[k] for k in ("status", "steps_done", "metrics")})
     return report
+
+
+def _obey(hooks: TrainerHooks, writer, events: EventLog, step: int) -> None:
+    """Pause or stop at a step boundary when the supervisor says so; the seed-log is the checkpoint."""
+    action = hooks.control()
+    if action in ("pause", "stop"):
+        writer.sync()
+        events.emit("paused" if action == "pause" else "cancelled", step=step)
+        raise Paused(step) if action == "pause" else Cancelled(step)
+
+
+def _wait_for_lease(hooks: TrainerHooks, writer, events: EventLog, step: int) -> None:
+    _obey(hooks, writer, events, step)
+    time.sleep(0.2)
 
 
 def _maybe_project(engine: Engine, task, batch, step: int, writer, events: EventLog, meter: MemoryMeter,
