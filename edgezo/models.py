@@ -59,9 +59,14 @@ def load(value: str, precision: str, device: torch.device):
     hf_logging.disable_progress_bar()  # our own progress goes to stderr; one bar is enough
 
     path = model_path(value)
-    if precision not in DTYPES:
+    if precision == "int8":
+        kwargs: dict = int8_kwargs(device)
+        if path.is_file():
+            raise ModelError(f"precision: int8 needs a Hugging Face safetensors directory, not {path}")
+    elif precision not in DTYPES:
         raise ModelError(f"precision: {precision} is not supported by this loader")
-    kwargs: dict = {"dtype": DTYPES[precision]}
+    else:
+        kwargs = {"dtype": DTYPES[precision]}
     src = path
     if path.is_file():
         if path.suffix != ".gguf":
@@ -74,23 +79,59 @@ def load(value: str, precision: str, device: torch.device):
         raise ModelError(f"model: could not load {path}: {e}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model.to(device)
+    if precision != "int8":  # bitsandbytes models are placed by device_map and refuse .to()
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model, tok, path
 
 
+def int8_kwargs(device: torch.device) -> dict:
+    """from_pretrained arguments for an LLM.int8 base (bitsandbytes) on `device`, CPU or CUDA.
+
+    The layers bitsandbytes leaves unquantised (embeddings, norms, lm_head) are fp16, as in LLM.int8
+    (its matmul casts its inputs to fp16 anyway); LoRA adapters on top are fp32 (peft upcasts them)."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise ModelError(f"precision: int8 needs bitsandbytes ({e}); pip install bitsandbytes, "
+                         "or build it from source on Jetson (see README)") from None
+    import logging
+
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_quiet_cast)  # idempotent
+    place = (device.index or 0) if device.type == "cuda" else "cpu"
+    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": place},
+            "dtype": torch.float16}
+
+
+def _quiet_cast(record) -> bool:
+    """bitsandbytes logs 'inputs will be cast ... to float16' on every int8 matmul; that is by design."""
+    return "will be cast" not in record.getMessage()
+
+
 def trainable_patterns(trainable) -> list[str] | None:
+    if trainable == "lora":
+        from edgezo.lora import ADAPTER_PATTERNS
+
+        return list(ADAPTER_PATTERNS)
     return None if trainable == "full" else list(trainable)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (the LoRA layers are injected into it in place)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
     """The transformer body that returns final hidden states (final norm included), no lm_head."""
+    model = unwrap(model)
     return getattr(model, model.base_model_prefix)
 
 
 def head_weight(model: nn.Module) -> torch.Tensor:
-    head = model.get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise ModelError("model: needs a bias-free output embedding (lm_head)")
     return head.weight

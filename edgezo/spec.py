@@ -195,6 +195,17 @@ def _patterns(value: Any, field: str) -> list[str]:
     return value
 
 
+def _validate_lora(spec: dict) -> None:
+    """LoRA adapters as the trainable set (peft); dropout must be 0: ZO's two forwards must see the same net."""
+    _num(spec, "lora.rank", kind=int, lo=1)
+    _num(spec, "lora.alpha", lo=0.0, lo_open=True)
+    _num(spec, "lora.dropout", lo=0.0)
+    if spec["lora"]["dropout"] != 0.0:
+        raise SpecError("lora.dropout", "must be 0 for zeroth-order training (the +eps and -eps forwards must "
+                        f"see the same network), got {spec['lora']['dropout']}")
+    spec["lora"]["targets"] = _patterns(spec["lora"]["targets"], "lora.targets")
+
+
 def validate(given: dict) -> dict:
     """Return the full spec (defaults filled in) or raise SpecError naming the first bad field."""
     if not isinstance(given, dict):
@@ -220,12 +231,14 @@ def validate(given: dict) -> dict:
         spec["trainable"] = trainable.lower()
     else:
         spec["trainable"] = _patterns(trainable, "trainable")
-    if spec["precision"] == "int8" and spec["trainable"] == "full":
-        raise SpecError("trainable", "int8 weights cannot be perturbed in place; use trainable: lora with precision: int8")
-    if spec["precision"] == "int8":
-        raise SpecError("precision", "int8 is not supported yet (planned with LoRA); use fp32, fp16 or bf16")
+    if spec["precision"] == "int8" and spec["trainable"] != "lora":
+        raise SpecError("trainable", "int8 weights cannot be perturbed in place (their codes step in units of "
+                        "absmax/127); use trainable: lora with precision: int8")
+    if spec["precision"] == "int8" and spec["model"].strip().lower().endswith(".gguf"):
+        raise SpecError("precision", "int8 loads a Hugging Face safetensors directory with bitsandbytes, not a "
+                        ".gguf file; use fp32, fp16 or bf16 for GGUF models")
     if spec["trainable"] == "lora":
-        raise SpecError("trainable", "LoRA is not supported yet; use full or a list of module-name patterns")
+        _validate_lora(spec)
 
     _num(spec, "optim.lr", lo=0.0)
     _num(spec, "optim.eps", lo=0.0, lo_open=True)

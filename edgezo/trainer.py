@@ -201,6 +201,15 @@ class EventLog:
         return out
 
 
+def _attn_probs_bytes(cfg, batch: int, seq: int) -> int:
+    """One layer's [batch, heads, seq, seq] attention probabilities where the attention materialises them
+    (eager: softmax in fp32); fused kernels (sdpa, flash) keep only per-row statistics."""
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if impl != "eager":
+        return 0
+    return batch * getattr(cfg, "num_attention_heads", 12) * seq * seq * 4
+
+
 def eval_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
     """A rough upper bound on what an eval forward adds over the steady state (activations)."""
     cfg = engine.model.config
@@ -208,7 +217,8 @@ def eval_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
     layers = getattr(cfg, "num_hidden_layers", 12)
     inter = getattr(cfg, "intermediate_size", 4 * hidden)
     elem = 2 if engine.spec["precision"] in ("fp16", "bf16") else 4
-    return int(batch * seq * (4 * hidden + 2 * inter) * elem * 2 + batch * seq * hidden * layers * elem // 4)
+    return int(batch * seq * (4 * hidden + 2 * inter) * elem * 2 + batch * seq * hidden * layers * elem // 4
+               + 2 * _attn_probs_bytes(cfg, batch, seq))  # scores and probabilities live at once
 
 
 def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool = False) -> dict:
@@ -382,12 +392,38 @@ def _maybe_project(engine: Engine, task, batch, step: int, writer, events: Event
     return True
 
 
-def projection_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
-    """FO projection keeps every layer's activations for the backward pass."""
+def projection_lease_bytes(engine: Engine, batch: int, seq: int, meter: MemoryMeter | None = None) -> int:
+    """What an FO projection adds over the steady state: the activations autograd keeps for the backward.
+
+    With weights frozen except the projected factors, the backward runs from the loss down to the
+    first projected layer, so every layer keeps (measured on Llama) about 6·hidden + 3·intermediate
+    values per token (norm inputs, the q/v inputs, q/k/v for the attention, the MLP's gate/up/act)
+    plus, with eager attention, its fp32 probabilities; on top, one layer's forward working set.
+    With `meter` and a projection already measured, the measurement wins: that phase's peak over the
+    steady (zo_step) average, plus 10 % — the estimate is only for the first phase.
+    """
     if not getattr(engine.method, "heavy", False):
         return 0
-    layers = getattr(engine.model.config, "num_hidden_layers", 12)
-    return eval_lease_bytes(engine, batch, seq) * max(1, layers // 2)
+    cfg = engine.model.config
+    hidden = getattr(cfg, "hidden_size", 768)
+    layers = getattr(cfg, "num_hidden_layers", 12)
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    elem = 2 if engine.spec["precision"] in ("fp16", "bf16") else 4
+    tokens = batch * seq
+    probs = _attn_probs_bytes(cfg, batch, seq)
+    per_layer = tokens * (6 * hidden + 3 * inter) * elem + probs
+    if engine.spec.get("dizo", {}).get("checkpointing"):
+        saved = layers * tokens * hidden * elem + per_layer  # layer inputs; one layer recomputed at a time
+    else:
+        saved = layers * per_layer
+    working = tokens * (4 * hidden + 3 * inter) * elem + probs
+    estimate = int(saved + working)
+    if meter is not None:
+        phases = meter.summary().get("phases", {})
+        proj, steady = phases.get("projection"), phases.get("zo_step")
+        if proj and steady and proj.get("peak_bytes"):
+            return max(int(1.1 * (proj["peak_bytes"] - steady.get("avg_bytes", 0))), 0)
+    return estimate
 
 
 def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog) -> None:
