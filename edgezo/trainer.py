@@ -53,7 +53,7 @@ class Engine:
     params: list[ZOParam]
     perturber: Perturber
     method: ZOMethod
-    pending_projection: bool = False  # a DiZO projection was due but deferred (no lease yet)
+    pending_projections: int = 0  # DiZO projections that were due but deferred (no lease yet)
 
 
 def build_engine(spec: dict) -> Engine:
@@ -112,7 +112,7 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
         warnings.warn(f"seed-log written on {header.get('device')}, replaying on {mine['device']}: "
                       "the result is close but not bit-identical", stacklevel=2)
     frames = [f for f in frames if f.kind in (seedlog.STEP, seedlog.PROJECTION, seedlog.SNAPSHOT)]
-    begin, last, last_projection = 0, -1, -1
+    begin, last = 0, -1
     if use_snapshots:  # the newest snapshot whose file survived; frames after it are replayed
         for i in range(len(frames) - 1, -1, -1):
             snap = frames[i].data
@@ -120,9 +120,7 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
                 load_trainable(engine, log_path.parent / snap["file"])
                 begin, last = i + 1, snap["step"]
                 break
-    for f in frames[:begin]:
-        if f.kind == seedlog.PROJECTION:
-            last_projection = f.data["step"]
+    projections = sum(1 for f in frames if f.kind == seedlog.PROJECTION)
     for f in frames[begin:]:
         rec = f.data
         if f.kind == seedlog.STEP:
@@ -135,10 +133,8 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
             from edgezo.dizo import projection_from_frame
 
             engine.method.apply_projection(projection_from_frame(rec))
-            last_projection = rec["step"]
-    if spec_interval := (engine.spec["dizo"]["interval"] if engine.spec["method"] == "dizo" else 0):
-        due = (last + 1) // spec_interval * spec_interval - 1  # the latest step a projection was due after
-        engine.pending_projection = due >= 0 and last_projection < due
+    if engine.spec["method"] == "dizo":  # every due projection runs, however late: due so far minus done
+        engine.pending_projections = max(0, (last + 1) // engine.spec["dizo"]["interval"] - projections)
     return last + 1
 
 
@@ -285,8 +281,7 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
 
         bar = tqdm(total=total, initial=start, desc=spec["name"], unit="step", dynamic_ncols=True)
     eval_due = False
-    proj_due = engine.pending_projection
-    proj_lease = projection_lease_bytes(engine, bs, spec["max_length"])
+    proj_due = engine.pending_projections
     lease_bytes = eval_lease_bytes(engine, bs, spec["max_length"])
     t0, done_here = time.monotonic(), 0
     step = start
@@ -308,9 +303,9 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 bar.set_postfix(loss=f"{rec.loss:.4f}", refresh=False)
                 bar.update(1)
             if getattr(engine.method, "projection_due", None) and engine.method.projection_due(step):
-                proj_due = True
-            if proj_due:
-                proj_due = not _maybe_project(engine, task, batch, step, writer, events, meter, hooks, proj_lease)
+                proj_due += 1
+            if proj_due and _maybe_project(engine, task, batch, step, writer, events, meter, hooks):
+                proj_due -= 1
             step += 1
             if spec["snapshot_every"] and step % spec["snapshot_every"] == 0 and step < total:
                 _snapshot(engine, writer, job_dir, step - 1, events)
@@ -324,9 +319,11 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 eval_due = False
         # Nothing left to overlap with: wait for the leases, never drop a due projection or the final eval.
         while proj_due and step > 0:
-            _wait_for_lease(hooks, writer, events, step)
             batch = [train[i] for i in batch_indices(len(train), bs, step - 1, spec["seed"])]
-            proj_due = not _maybe_project(engine, task, batch, step - 1, writer, events, meter, hooks, proj_lease)
+            if _maybe_project(engine, task, batch, step - 1, writer, events, meter, hooks):
+                proj_due -= 1
+            else:
+                _wait_for_lease(hooks, writer, events, step)
         while evalset and not hooks.try_lease("eval", lease_bytes):
             _wait_for_lease(hooks, writer, events, step)
     finally:
@@ -371,11 +368,12 @@ def _wait_for_lease(hooks: TrainerHooks, writer, events: EventLog, step: int) ->
 
 
 def _maybe_project(engine: Engine, task, batch, step: int, writer, events: EventLog, meter: MemoryMeter,
-                   hooks: TrainerHooks, lease: int) -> bool:
+                   hooks: TrainerHooks) -> bool:
     """Run DiZO's projection if its memory is available now. False: deferred to a later step."""
     from edgezo.dizo import projection_frame
 
     method = engine.method
+    lease = projection_lease_bytes(engine, len(batch), engine.spec["max_length"], meter) if method.heavy else 0
     if method.heavy and not hooks.try_lease("projection", lease):
         return False
     try:
