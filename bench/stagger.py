@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from tests.test_daemon_util import DaemonProc, wait_for  # noqa: E402
+from tests.daemon_harness import DaemonProc, wait_for  # noqa: E402
 
 MiB = 2**20
 TERMINAL = ("done", "failed", "cancelled")

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.test_daemon_util import DaemonProc, wait_for  # noqa: E402
+from tests.daemon_harness import DaemonProc, wait_for  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -55,7 +55,7 @@ def test_client_commands_stay_light():
 
 
 def test_status_answers_fast_against_a_real_daemon():
-    from tests.test_daemon_util import DaemonProc
+    from tests.daemon_harness import DaemonProc
 
     d = DaemonProc().start()
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_daemon_util import DaemonProc, wait_for
+from tests.daemon_harness import DaemonProc, wait_for
 
 try:
     import edgezo.trainer  # noqa: F401
