@@ -38,6 +38,7 @@ MODES = {  # name: (precision, trainable)
     "bf16-full": ("bf16", "full"),
     "fp16-lora": ("fp16", "lora"),
     "int8-lora": ("int8", "lora"),
+    "int8-scales": ("int8", "scales"),
 }
 REFERENCE = "fp16-full"
 SHAPES = {  # OPT: (hidden, layers, heads, ffn); Llama: (hidden, layers, heads, kv heads, ffn, vocab)
@@ -158,6 +159,11 @@ def child(args) -> dict:
     from edgezo.trainer import build_engine
 
     precision, trainable = MODES[args.child]
+    import bitsandbytes  # noqa: F401  (the runtime every mode pays, before any model byte)
+    import peft  # noqa: F401
+    from transformers import OPTForCausalLM  # noqa: F401
+
+    runtime = torch.cuda.memory_allocated() if args.device == "cuda" else rss_bytes()
     spec = load_spec({"model": str(args.model_dir), "precision": precision, "trainable": trainable,
                       "device": args.device, "steps": args.steps + 1, "seed": 0,
                       "optim": {"lr": 1e-7 if trainable == "full" else 1e-4, "eps": 1e-3}})
@@ -217,7 +223,7 @@ def child(args) -> dict:
         wall = time.perf_counter() - t0
         step_peak = peak()
     return {"mode": args.child, "trainable_params": sum(p.param.numel() for p in engine.params),
-            "loaded": loaded, "floor": floor, "peak": step_peak, "avg": s.mean(), "steps_per_s": args.steps / wall}
+            "runtime": runtime, "loaded": loaded, "floor": floor, "peak": step_peak, "avg": s.mean(), "steps_per_s": args.steps / wall}
 
 
 def run_child(args, mode: str) -> dict:
@@ -275,19 +281,21 @@ def main() -> None:
         print(f"  {m}: " + ("failed" if "error" in r else f"{r['steps_per_s']:.3f} steps/s"), flush=True)
     ref = next((r for r in results if r["mode"] == REFERENCE and "error" not in r), None)
     mib = 2**20
-    print(f"\n{'mode':<11}{'trainable':>11}{'weights':>10}{'floor':>10}{'peak':>10}{'avg':>10}"
-          f"{'peak÷fp16':>11}{'steps/s':>9}{'speed÷fp16':>12}")
+    print(f"\n{'mode':<12}{'trainable':>11}{'weights':>10}{'floor':>10}{'peak':>10}{'avg':>10}"
+          f"{'peak÷fp16':>11}{'net÷fp16':>10}{'steps/s':>9}{'speed÷fp16':>12}")
     for r in results:
         if "error" in r:
-            print(f"{r['mode']:<11}  failed: {r['error'].splitlines()[-1]}")
+            print(f"{r['mode']:<12}  failed: {r['error'].splitlines()[-1]}")
             continue
         ratio = f"{r['peak'] / ref['peak']:.2f}" if ref else "-"
+        net = f"{(r['peak'] - r['runtime']) / (ref['peak'] - ref['runtime']):.2f}" if ref else "-"
         speed = f"{r['steps_per_s'] / ref['steps_per_s']:.2f}" if ref else "-"
-        print(f"{r['mode']:<11}{r['trainable_params'] / 1e6:>10.2f}M{r['loaded'] / mib:>7.0f}MiB"
-              f"{r['floor'] / mib:>7.0f}MiB{r['peak'] / mib:>7.0f}MiB{r['avg'] / mib:>7.0f}MiB{ratio:>11}"
+        print(f"{r['mode']:<12}{r['trainable_params'] / 1e6:>10.2f}M{r['loaded'] / mib:>7.0f}MiB"
+              f"{r['floor'] / mib:>7.0f}MiB{r['peak'] / mib:>7.0f}MiB{r['avg'] / mib:>7.0f}MiB{ratio:>11}{net:>10}"
               f"{r['steps_per_s']:>9.3f}{speed:>12}")
     print("\nweights: memory after loading; floor: peak of forward-only passes (the least a step can need); "
-          f"peak/avg: over the ZO steps; ratios to {REFERENCE}. Total {time.perf_counter() - t0:.0f}s.")
+          "peak/avg: over the ZO steps; net: peak minus the runtime measured before the model was built "
+          f"(Python, torch, bitsandbytes; 0 on CUDA); ratios to {REFERENCE}. Total {time.perf_counter() - t0:.0f}s.")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "device": args.device, "batch": args.batch,
                                                "seq": args.seq, "results": results}, indent=2))

@@ -65,15 +65,14 @@ def _train_foreground(job_dir: Path) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from edgezo.trainer import build_engine, restore
+    from edgezo.trainer import build_engine, export, restore
 
     job_dir = Path(args.job_dir)
     spec = json.loads((job_dir / "spec.json").read_text())
     engine = build_engine(spec)
     next_step = restore(engine, job_dir / "seedlog.ezl", use_snapshots=not args.from_base)
     out = Path(args.out)
-    engine.model.save_pretrained(out)
-    engine.tokenizer.save_pretrained(out)
+    export(engine, out)
     print(f"replayed {next_step} steps of {job_dir} onto the base model -> {out}")
     return 0
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from edgezo.perturb import Perturber, ZOParam, mix
+from edgezo.scales import SCALE_ATTR
 from edgezo.zo import MeZO, StepRecord
 
 
@@ -93,9 +94,10 @@ class DiZO(MeZO):
         super().__init__(params, perturber, **kw)
         self.cfg = dizo
         self.model = model
-        self.layers = [p for p in params if any(pat in p.name for pat in dizo["layers"]) and p.param.dim() >= 2]
+        self.layers = [p for p in params if any(pat in p.name for pat in dizo["layers"])
+                       and (p.param.dim() >= 2 or p.name.endswith(SCALE_ATTR))]  # a layer's weights or its int8 scales
         if not self.layers:
-            raise ValueError(f"dizo.layers: no trainable 2-D parameter matches {dizo['layers']}")
+            raise ValueError(f"dizo.layers: no trainable 2-D parameter (or int8 scales) matches {dizo['layers']}")
         for p in self.layers:
             if any(isinstance(m, nn.Embedding) for m, _ in p.owners):
                 raise ValueError(f"dizo.layers: {p.name} is an embedding table; project attention weights instead")

@@ -115,6 +115,10 @@ def trainable_patterns(trainable) -> list[str] | None:
         from edgezo.lora import ADAPTER_PATTERNS
 
         return list(ADAPTER_PATTERNS)
+    if trainable == "scales":
+        from edgezo.scales import SCALE_PATTERNS
+
+        return list(SCALE_PATTERNS)
     return None if trainable == "full" else list(trainable)
 
 

@@ -20,6 +20,8 @@ METHODS = ("mezo", "dizo")
 TASK_TYPES = ("classification", "generation")
 SCHEDULES = ("constant", "linear")
 DEVICES = ("auto", "cpu", "cuda")
+NOISE = ("auto", "torch", "philox")
+TRAINABLE_SETS = ("full", "lora", "scales")  # or a list of name patterns
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -61,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "window": None,
     "output": None,
     "device": "auto",
+    "noise": "auto",  # auto | torch | philox: the Gaussian stream (auto: philox on CUDA with Triton)
     "snapshot_every": 500,
     "fsync_every": 1,
 }
@@ -226,14 +229,18 @@ def validate(given: dict) -> dict:
     _choice(spec, "precision", PRECISIONS)
     _choice(spec, "method", METHODS)
     _choice(spec, "device", DEVICES)
+    _choice(spec, "noise", NOISE)
     trainable = spec["trainable"]
-    if isinstance(trainable, str) and trainable.lower() in ("full", "lora"):
+    if isinstance(trainable, str) and trainable.lower() in TRAINABLE_SETS:
         spec["trainable"] = trainable.lower()
     else:
         spec["trainable"] = _patterns(trainable, "trainable")
-    if spec["precision"] == "int8" and spec["trainable"] != "lora":
+    if spec["precision"] == "int8" and spec["trainable"] not in ("lora", "scales"):
         raise SpecError("trainable", "int8 weights cannot be perturbed in place (their codes step in units of "
-                        "absmax/127); use trainable: lora with precision: int8")
+                        "absmax/127); use trainable: lora or trainable: scales with precision: int8")
+    if spec["trainable"] == "scales" and spec["precision"] != "int8":
+        raise SpecError("trainable", "scales are the per-row scales of int8 layers; they need precision: int8, "
+                        f"got precision: {spec['precision']}")
     if spec["precision"] == "int8" and spec["model"].strip().lower().endswith(".gguf"):
         raise SpecError("precision", "int8 loads a Hugging Face safetensors directory with bitsandbytes, not a "
                         ".gguf file; use fp32, fp16 or bf16 for GGUF models")
@@ -257,6 +264,10 @@ def validate(given: dict) -> dict:
         raise SpecError("dizo.clip", f"must be below 1 (the projection ratio stays in [1-clip, 1+clip]), got {d['clip']}")
     _choice(spec, "dizo.projection", ("zo", "fo"))
     d["layers"] = _patterns(d["layers"], "dizo.layers")
+    if spec["method"] == "dizo" and d["projection"] == "fo" and spec["trainable"] == "scales":
+        raise SpecError("dizo.projection", "fo differentiates through the projected weights, and bitsandbytes' "
+                        "int8 matmul has no gradient for its row scales; use dizo.projection: zo with "
+                        "trainable: scales")
 
     t = spec["task"]
     _choice(spec, "task.type", TASK_TYPES)
@@ -311,7 +322,10 @@ def load_spec(source: str | Path | dict, sets: list[str] | None = None) -> dict:
 
 
 def spec_hash(spec: dict) -> str:
-    """Stable hash of the fields that change what training computes (not name/window/budget)."""
-    keep = {k: v for k, v in spec.items() if k not in ("name", "window", "budget", "output", "fsync_every")}
+    """Stable hash of the fields that change what training computes (not name/window/budget).
+
+    `noise` is left out: "auto" resolves per machine, and the seed-log header pins the stream used."""
+    keep = {k: v for k, v in spec.items()
+            if k not in ("name", "window", "budget", "output", "fsync_every", "noise")}
     blob = json.dumps(keep, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -25,7 +25,7 @@ from edgezo.data import batch_indices, check_fields, data_path, read_rows
 from edgezo.hooks import TrainerHooks
 from edgezo.memory import MemoryMeter
 from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
-from edgezo.perturb import Perturber, ZOParam, collect_params
+from edgezo.perturb import NoiseUnavailable, Perturber, ZOParam, collect_params, make_noise
 from edgezo.spec import spec_hash
 from edgezo.tasks import make_task
 from edgezo.zo import METHODS, StepRecord, ZOMethod
@@ -66,10 +66,20 @@ def build_engine(spec: dict) -> Engine:
             model = wrap(model, spec["lora"], spec["seed"])
         except LoraError as e:
             raise TrainingError(str(e)) from None
+    elif spec["trainable"] == "scales":  # QZO-style: the int8 layers' row scales, never their codes
+        from edgezo.scales import ScalesError, expose
+
+        try:
+            expose(model)
+        except ScalesError as e:
+            raise TrainingError(str(e)) from None
     params = collect_params(model, trainable_patterns(spec["trainable"]))
     if not params:
         raise TrainingError(f"trainable: no parameter name matches {spec['trainable']}")
-    perturber = Perturber(params)
+    try:
+        perturber = Perturber(params, make_noise(spec.get("noise", "auto"), device))
+    except NoiseUnavailable as e:
+        raise TrainingError(f"noise: {e}") from None
     o = spec["optim"]
     common = dict(lr=o["lr"], eps=o["eps"], weight_decay=o["weight_decay"], perturbations=o["perturbations"],
                   schedule=o["schedule"], total_steps=spec["steps"], seed=spec["seed"])
@@ -92,6 +102,7 @@ def log_header(engine: Engine) -> dict:
         "dtype": engine.spec["precision"],
         "device": engine.device.type,
         "method": engine.spec["method"],
+        "noise": engine.perturber.noise.name,
         "torch": torch.__version__,
         "params": [[p.name, list(p.param.shape)] for p in engine.params],
         "created": time.time(),
@@ -106,6 +117,13 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
         if header.get(key) != mine[key]:
             raise TrainingError(f"seed-log {log_path} was written for a different {key.replace('_', ' ')} "
                                 f"({header.get(key)} != {mine[key]}); refusing to resume onto it")
+    logged = header.get("noise", "torch")  # logs from before there was a choice used the torch stream
+    if logged != mine["noise"]:  # the log's stream wins: the same seeds must give the same directions
+        try:
+            engine.perturber.noise = make_noise(logged, engine.device)
+        except NoiseUnavailable as e:
+            raise TrainingError(f"seed-log {log_path} was written with the {logged} noise stream, and {e}; "
+                                "replay or resume it where that stream runs") from None
     if header.get("device") != mine["device"]:
         import warnings
 
@@ -337,20 +355,29 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
         finally:
             hooks.release_lease("eval")
     with _phase(meter, events, "export"):
-        out = job_dir / spec["output"]
-        if spec["trainable"] == "lora":  # a standard peft adapter dir, for PeftModel.from_pretrained
-            from edgezo.lora import save_adapter
-
-            save_adapter(engine.model, out)
-        else:
-            engine.model.save_pretrained(out)
-        engine.tokenizer.save_pretrained(out)
+        export(engine, job_dir / spec["output"])
     writer.close()
     wall = time.monotonic() - t0
     report = build_report(spec, job_dir, evals, events, meter, step, wall, done_here)
     write_json_atomic(job_dir / "report.json", report)
     events.emit("done", report={k: report[k] for k in ("status", "steps_done", "metrics")})
     return report
+
+
+def export(engine: Engine, out: Path) -> None:
+    """The trained model in the form its users load: a peft adapter for LoRA, a bitsandbytes int8
+    checkpoint for trained scales, else a full transformers model directory; tokenizer alongside."""
+    if engine.spec["trainable"] == "lora":  # PeftModel.from_pretrained(base, out)
+        from edgezo.lora import save_adapter
+
+        save_adapter(engine.model, out)
+    elif engine.spec["trainable"] == "scales":  # AutoModelForCausalLM.from_pretrained(out)
+        from edgezo.scales import save_int8
+
+        save_int8(engine.model, out)
+    else:
+        engine.model.save_pretrained(out)
+    engine.tokenizer.save_pretrained(out)
 
 
 def _obey(hooks: TrainerHooks, writer, events: EventLog, step: int) -> None:
