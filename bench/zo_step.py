@@ -2,12 +2,14 @@
 
     python bench/zo_step.py                       # CPU: OPT-125m shape, fp32, batch 8, seq 64
     python bench/zo_step.py --model opt-2.7b --dtype fp16 --batch 16 --seq 64 --device cuda
+    python bench/zo_step.py --noise torch,philox     # one edgezo row per noise stream (philox: Triton)
 
 Times (medians after warm-up, variants interleaved round by round so machine noise hits all alike):
   forward   one forward computing only the logits the loss needs (last position, 2 label rows)
   reference MeZO's algorithm as released: seed reset, per-parameter torch.normal, out-of-place
             θ + s·ε·z, four sweeps (+ε, −2ε, +ε, update), full-vocabulary logits and LM loss
-  edgezo    edgezo's MeZO step (on-the-fly perturbation, 3 noise passes, last-position logits)
+  edgezo-N  edgezo's MeZO step with noise stream N (on-the-fly perturbation, 3 noise passes,
+            last-position logits); "torch": chunked torch.Generator, "philox": fused Triton kernels
 Peak memory: CUDA max_memory_allocated in-process; on CPU each variant runs in its own child
 process and reports its peak RSS during one measured call (high-water mark reset first), so the
 figures do not contaminate each other.
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from edgezo.perturb import Perturber, collect_params  # noqa: E402
+from edgezo.perturb import Perturber, collect_params, make_noise  # noqa: E402
 from edgezo.zo import MeZO  # noqa: E402
 
 SHAPES = {  # OPT family shapes (hidden, layers, heads, ffn)
@@ -68,6 +70,7 @@ class Bench:
         self.params = collect_params(self.model, None)
         self.perturber = Perturber(self.params)
         self.mezo = MeZO(self.params, self.perturber, lr=1e-9, eps=1e-3, seed=0)
+        self.noises = {n: make_noise(n, self.device) for n in args.noise.split(",")}
         self.decoder = self.model.model
         self.head = self.model.get_output_embeddings().weight
         self.step_no = 0
@@ -82,10 +85,17 @@ class Bench:
     def forward(self) -> None:
         self.loss_needed_logits()
 
-    def edgezo(self) -> None:
+    def edgezo(self, noise: str) -> None:
+        self.perturber.noise = self.noises[noise]
         with torch.inference_mode():
             self.mezo.step(self.step_no, self.loss_needed_logits)
         self.step_no += 1
+
+    def run(self, variant: str) -> None:
+        if variant.startswith("edgezo-"):
+            self.edgezo(variant.removeprefix("edgezo-"))
+        else:
+            getattr(self, variant)()
 
     # --- faithful MeZO reference (re-implemented from the algorithm) --------------------------
     @torch.inference_mode()
@@ -120,16 +130,17 @@ class Bench:
             torch.cuda.synchronize()
 
 
-VARIANTS = ("forward", "reference", "edgezo")
+def variants(noise: str) -> list[str]:
+    return ["forward", "reference", *(f"edgezo-{n}" for n in noise.split(","))]
 
 
-def time_all(b: Bench, reps: int, warmup: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+def time_all(b: Bench, names: list[str], reps: int, warmup: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {v: [] for v in names}
     for r in range(warmup + reps):
-        for v in VARIANTS:
+        for v in names:
             b.sync()
             t = time.perf_counter()
-            getattr(b, v)()
+            b.run(v)
             b.sync()
             if r >= warmup:
                 times[v].append(time.perf_counter() - t)
@@ -140,7 +151,7 @@ def peak_cuda(b: Bench, variant: str) -> int:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    getattr(b, variant)()
+    b.run(variant)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated()
 
@@ -162,7 +173,7 @@ def measured_peak_rss(fn) -> int:
 def child_peak(args, variant: str) -> int:
     """Peak RSS of a fresh process that builds the model and runs `variant` twice."""
     cmd = [sys.executable, __file__, "--child", variant, "--model", args.model, "--dtype", args.dtype,
-           "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device]
+           "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--noise", args.noise]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
 
@@ -176,13 +187,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--noise", default="torch", help="comma-separated noise streams to time (torch, philox)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    names = variants(args.noise)
 
     if args.child:
         b = Bench(args)
-        getattr(b, args.child)()  # warm-up: lazy allocations, thread pools
-        print(json.dumps({"peak_bytes": measured_peak_rss(lambda: getattr(b, args.child)())}))
+        b.run(args.child)  # warm-up: lazy allocations, thread pools, kernel compilation
+        print(json.dumps({"peak_bytes": measured_peak_rss(lambda: b.run(args.child))}))
         return
 
     b = Bench(args)
@@ -190,24 +203,26 @@ def main() -> None:
     dev_name = torch.cuda.get_device_name() if b.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{args.model} shape ({n_params / 1e6:.0f} M params), {args.dtype}, batch {args.batch}, seq {args.seq}, "
           f"{dev_name}, torch {torch.__version__}, {args.reps} reps after {args.warmup} warm-up")
-    times = time_all(b, args.reps, args.warmup)
+    times = time_all(b, names, args.reps, args.warmup)
     med = {v: statistics.median(ts) for v, ts in times.items()}
     if b.device.type == "cuda":
-        peaks = {v: peak_cuda(b, v) for v in VARIANTS}
+        peaks = {v: peak_cuda(b, v) for v in names}
         peak_kind = "max_memory_allocated"
     else:
         del b
-        peaks = {v: child_peak(args, v) for v in VARIANTS}
+        peaks = {v: child_peak(args, v) for v in names}
         peak_kind = "peak RSS of a child process"
     two_fwd = 2 * med["forward"]
-    print(f"\n{'variant':<12}{'median':>12}{'÷ two forwards':>17}{'peak':>12}{'÷ forward peak':>17}")
-    for v in VARIANTS:
-        print(f"{v:<12}{med[v] * 1e3:>10.1f}ms{med[v] / two_fwd:>17.2f}{peaks[v] / 2**20:>9.0f}MiB"
+    print(f"\n{'variant':<15}{'median':>12}{'÷ two forwards':>17}{'peak':>12}{'÷ forward peak':>17}")
+    for v in names:
+        print(f"{v:<15}{med[v] * 1e3:>10.1f}ms{med[v] / two_fwd:>17.2f}{peaks[v] / 2**20:>9.0f}MiB"
               f"{peaks[v] / peaks['forward']:>17.3f}")
-    print(f"\nedgezo step ÷ two forwards:     {med['edgezo'] / two_fwd:.2f}")
-    print(f"MeZO-reference step ÷ edgezo:   {med['reference'] / med['edgezo']:.2f}")
-    print(f"edgezo peak ÷ forward peak:     {peaks['edgezo'] / peaks['forward']:.3f}  ({peak_kind})")
-    print(f"reference peak ÷ forward peak:  {peaks['reference'] / peaks['forward']:.3f}")
+    print()
+    for v in names[2:]:
+        print(f"{v} step ÷ two forwards:{'':<6}{med[v] / two_fwd:.2f}")
+        print(f"MeZO-reference step ÷ {v}:{'':<3}{med['reference'] / med[v]:.2f}")
+        print(f"{v} peak ÷ forward peak:{'':<5}{peaks[v] / peaks['forward']:.3f}  ({peak_kind})")
+    print(f"reference peak ÷ forward peak:{'':<6}{peaks['reference'] / peaks['forward']:.3f}")
 
 
 if __name__ == "__main__":

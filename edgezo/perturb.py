@@ -7,8 +7,11 @@ in θ + s·ε·z for the duration of that module's forward, built from a small p
 the real parameter back afterwards. Embedding tables (large, mostly unused per batch) are not
 materialised: only the looked-up rows get their noise, added to the module's output.
 
-Noise for parameter i at seed s comes from its own generator seeded with mix(s, i), drawn row-chunk
-by row-chunk, so any parameter's z can be regenerated alone, in any order, on any pass.
+Noise for parameter i at seed s comes from its own stream keyed by mix(s, i), so any parameter's z
+can be regenerated alone, in any order, on any pass. Two streams exist (a job keeps one for life; the
+seed-log header names it): "torch", a torch.Generator per parameter drawn row-chunk by row-chunk
+(every device, the CPU default), and "philox", counter-based normals generated inside fused Triton
+kernels (CUDA; edgezo/triton_noise.py), which also gives any subset of elements without the rest.
 """
 
 from __future__ import annotations
@@ -107,16 +110,97 @@ def apply_update(p: ZOParam, seed: int, alpha: float) -> None:
 
 @torch.no_grad()
 def perturbed_rows(p: ZOParam, seed: int, alpha: float, ids: torch.Tensor) -> torch.Tensor:
-    """(θ + alpha·z)[ids] for a 2-D table without materialising the whole perturbed table."""
+    """(θ + alpha·z)[ids] for a 2-D table without materialising the whole perturbed table.
+
+    Same arithmetic as add_noise_into (one fused add in fp32, one rounding), so a row looked up here
+    equals that row of the materialised perturbed table bit for bit. Chunks past the largest id are
+    never drawn."""
     w = p.param.detach()
-    out = w[ids].float()
     flat_ids = ids.reshape(-1)
-    flat_out = out.reshape(-1, w.shape[1])
+    noise = torch.empty((flat_ids.numel(), w.shape[1]), dtype=torch.float32, device=w.device)
+    last = int(flat_ids.max()) if flat_ids.numel() else -1
     for r0, r1, z in noise_chunks(p, seed):
+        if r0 > last:
+            break
         sel = ((flat_ids >= r0) & (flat_ids < r1)).nonzero(as_tuple=True)[0]
         if sel.numel():
-            flat_out[sel] += alpha * z[flat_ids[sel] - r0]
-    return out.to(w.dtype)
+            noise[sel] = z[flat_ids[sel] - r0]
+    out = w[flat_ids].float().add_(noise, alpha=alpha)
+    return out.to(w.dtype).reshape(*ids.shape, w.shape[1])
+
+
+class TorchNoise:
+    """The "torch" stream: per-parameter torch.Generator, chunked (the functions above)."""
+
+    name = "torch"
+
+    def add_into(self, out: torch.Tensor, p: ZOParam, seed: int, alpha: float) -> torch.Tensor:
+        return add_noise_into(out, p, seed, alpha)
+
+    def rows(self, p: ZOParam, seed: int, alpha: float, ids: torch.Tensor) -> torch.Tensor:
+        return perturbed_rows(p, seed, alpha, ids)
+
+    @torch.no_grad()
+    def update(self, params: list[ZOParam], seed: int, alpha: float) -> None:
+        for p in params:
+            apply_update(p, seed, alpha)
+
+
+class PhiloxNoise:
+    """The "philox" stream: counter-based normals inside fused Triton kernels; a group update is one
+    launch per dtype instead of one per tensor."""
+
+    name = "philox"
+
+    def __init__(self) -> None:
+        from edgezo import triton_noise
+
+        self.k = triton_noise
+
+    def add_into(self, out: torch.Tensor, p: ZOParam, seed: int, alpha: float) -> torch.Tensor:
+        return self.k.add_noise_(out, p.param.detach(), mix(seed, p.index), alpha)
+
+    def rows(self, p: ZOParam, seed: int, alpha: float, ids: torch.Tensor) -> torch.Tensor:
+        return self.k.rows(p.param.detach(), ids, mix(seed, p.index), alpha)
+
+    @torch.no_grad()
+    def update(self, params: list[ZOParam], seed: int, alpha: float) -> None:
+        ts = [p.param.data for p in params]
+        self.k.add_noise_group_(ts, ts, [mix(seed, p.index) for p in params], [alpha] * len(ts))
+
+
+NOISE_STREAMS = ("torch", "philox")
+
+
+class NoiseUnavailable(RuntimeError):
+    pass
+
+
+def philox_available(device: torch.device) -> str | None:
+    """None when the philox stream can run on `device`, else why not."""
+    try:
+        from edgezo import triton_noise
+    except ImportError as e:  # pragma: no cover - the module itself imports triton lazily
+        return str(e)
+    if triton_noise.available(device):
+        return None
+    if device.type == "cuda":
+        return "Triton is not installed (pip install triton)"
+    return "it runs on CUDA devices (or on the CPU only under TRITON_INTERPRET=1, for testing)"
+
+
+def make_noise(name: str, device: torch.device) -> TorchNoise | PhiloxNoise:
+    """The stream called `name` ("auto": philox where Triton can run it on `device`, else torch)."""
+    if name == "auto":
+        name = "philox" if device.type == "cuda" and philox_available(device) is None else "torch"
+    if name == "torch":
+        return TorchNoise()
+    if name == "philox":
+        why = philox_available(device)
+        if why is not None:
+            raise NoiseUnavailable(f"the philox noise stream cannot run on {device.type}: {why}")
+        return PhiloxNoise()
+    raise NoiseUnavailable(f"unknown noise stream {name!r} (known: {', '.join(NOISE_STREAMS)})")
 
 
 class ScratchPool:
@@ -143,8 +227,9 @@ class ScratchPool:
 class Perturber:
     """Installs the hooks once; `active(seed, alpha)` turns the perturbation on for a forward."""
 
-    def __init__(self, params: list[ZOParam]):
+    def __init__(self, params: list[ZOParam], noise: TorchNoise | PhiloxNoise | None = None):
         self.params = params
+        self.noise = noise or TorchNoise()
         self.seed: int | None = None
         self.alpha = 0.0
         self.override: Callable[[ZOParam], torch.Tensor | None] | None = None
@@ -156,7 +241,7 @@ class Perturber:
             for module, attr in p.owners:
                 owned.setdefault(module, []).append((attr, p))
         for module, attrs in owned.items():
-            if type(module) is nn.Embedding and [a for a, _ in attrs] == ["weight"]:
+            if type(module) is nn.Embedding and module.max_norm is None and [a for a, _ in attrs] == ["weight"]:
                 self._handles.append(module.register_forward_hook(self._embedding_hook(attrs[0][1])))
             else:
                 self._handles.append(module.register_forward_pre_hook(self._swap_in(module, attrs)))
@@ -198,7 +283,7 @@ class Perturber:
                 return t[ids]
         if self.seed is None or p is None:
             return weight.detach()[ids]
-        return perturbed_rows(p, self.seed, self.alpha, ids)
+        return self.noise.rows(p, self.seed, self.alpha, ids)
 
     def full(self, weight: torch.Tensor) -> torch.Tensor:
         """The whole (possibly perturbed) tensor; the caller must not keep it past the forward."""
@@ -209,24 +294,14 @@ class Perturber:
                 return t
         if self.seed is None or p is None:
             return weight.detach()
-        return add_noise_into(torch.empty_like(weight), p, self.seed, self.alpha)
+        return self.noise.add_into(torch.empty_like(weight), p, self.seed, self.alpha)
 
     def _embedding_hook(self, p: ZOParam):
+        """A plain embedding's output is its table's rows: perturb only the rows looked up."""
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if self.seed is None:
+            if self.seed is None or not args:
                 return None
-            ids = args[0] if args else None
-            if ids is None:
-                return None
-            w = p.param.detach()
-            flat_ids = ids.reshape(-1)
-            noise = torch.zeros((flat_ids.numel(), w.shape[1]), dtype=torch.float32, device=w.device)
-            for r0, r1, z in noise_chunks(p, self.seed):
-                sel = ((flat_ids >= r0) & (flat_ids < r1)).nonzero(as_tuple=True)[0]
-                if sel.numel():
-                    noise[sel] = z[flat_ids[sel] - r0]
-            base = output.reshape(-1, w.shape[1]).float()
-            return base.add_(noise, alpha=self.alpha).to(output.dtype).reshape(output.shape)
+            return self.noise.rows(p, self.seed, self.alpha, args[0])
 
         return hook
 
@@ -234,7 +309,7 @@ class Perturber:
         def hook(mod: nn.Module, args: tuple) -> None:
             if self.seed is not None:
                 for attr, p in attrs:
-                    buf = add_noise_into(self.pool.take(p.param), p, self.seed, self.alpha)
+                    buf = self.noise.add_into(self.pool.take(p.param), p, self.seed, self.alpha)
                     mod._parameters[attr] = buf  # plain tensor for this forward only
             elif self.override is not None:
                 for attr, p in attrs:

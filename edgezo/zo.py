@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgezo.perturb import Perturber, ZOParam, apply_update, mix
+from edgezo.perturb import Perturber, ZOParam, mix
 
 
 @dataclass
@@ -92,13 +92,14 @@ class MeZO(ZOMethod):
     def apply(self, rec: StepRecord) -> None:
         """θ ← θ·(1 − lr·wd) − lr/q · Σ_k g_k z_k  (decay only on matrices, as in MeZO)."""
         q = len(rec.seeds)
-        for p in self.params:
-            if rec.weight_decay and p.param.dim() >= 2:
-                p.param.mul_(1.0 - rec.lr * rec.weight_decay)
-            for s, g in zip(rec.seeds, rec.grads):
-                alpha = -rec.lr * g / q
-                if alpha != 0.0:
-                    apply_update(p, s, alpha)
+        if rec.weight_decay:
+            for p in self.params:
+                if p.param.dim() >= 2:
+                    p.param.mul_(1.0 - rec.lr * rec.weight_decay)
+        for s, g in zip(rec.seeds, rec.grads):  # per tensor: decay, then each direction in order, as before
+            alpha = -rec.lr * g / q
+            if alpha != 0.0:
+                self.perturber.noise.update(self.params, s, alpha)
 
 
 METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO}

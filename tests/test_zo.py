@@ -106,3 +106,26 @@ def test_trainable_patterns_limit_what_moves(tiny_model_dir, tmp_path):
     for n, t in model.named_parameters():
         if n in frozen:
             assert torch.equal(frozen[n], t), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_looked_up_rows_equal_the_materialised_table(monkeypatch, dtype):
+    """Rows perturbed alone (embeddings, verbalizer rows) equal those rows of θ + αz, bit for bit,
+    across noise chunks, for ids of any shape (repeats included)."""
+    from torch import nn
+
+    from edgezo import perturb
+
+    monkeypatch.setattr(perturb, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows per chunk: many chunks
+    emb = nn.Embedding(100, 64).to(dtype)
+    (p,) = collect_params(emb, None)
+    ids = torch.tensor([[3, 99, 3, 50, 0], [7, 8, 64, 63, 98], [1, 1, 1, 2, 13]])
+    full = add_noise_into(torch.empty_like(p.param), p, 42, 1e-2)
+    rows = perturb.TorchNoise().rows(p, 42, 1e-2, ids)
+    assert rows.shape == (3, 5, 64) and rows.dtype == dtype
+    assert torch.equal(rows, full[ids])
+    low = torch.tensor([0, 6, 2])  # only the first chunk is drawn
+    assert torch.equal(perturb.TorchNoise().rows(p, 42, 1e-2, low), full[low])
+    pert = Perturber([p])
+    with pert.active(42, 1e-2):
+        assert torch.equal(emb(ids), full[ids])  # the embedding hook takes the same path
