@@ -30,6 +30,7 @@ from typing import Any
 
 from edgezo.spec import SpecError, load_spec
 from policies import admission
+from policies import leases as lease_policy
 from policies import memory as mem
 
 from . import sdnotify, windows
@@ -100,6 +101,8 @@ class Daemon:
         self.started = time.time()
         self.stopping = False
         self.over_since: float | None = None
+        self.blocked_since: float | None = None  # when the leases last became stuck (see _unblock_leases)
+        self.failing: dict[str, str] = {}  # job -> why the daemon is stopping it as failed
         self.timers = windows.Timers(self.wake)
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -425,10 +428,40 @@ class Daemon:
             self._relieve_pressure(now)
             self._admit(now)
             self._grant(now)
+            self._unblock_leases(now)
         status = self._status_line()
         if status != self._last_status:
             sdnotify.notify(f"STATUS={status}")
             self._last_status = status
+
+    def _unblock_leases(self, now: float) -> None:
+        """Break a lease deadlock that has lasted `lease_max_wait_s` (policies.leases.unblock decides)."""
+        running = self._running()
+        if not self.cfg.leases or any(j.control != "run" for j in running):
+            self.blocked_since = None  # someone is already pausing or stopping: wait for it
+            return
+        waiting = [lease_policy.Request(x.key, x.job_id, x.phase, x.nbytes, x.requested) for x in self.leases.waiting()]
+        holders = [lease_policy.Holder(j.id, j.started or 0.0, self._usage(j.id)) for j in running]
+        decision = lease_policy.unblock(holders, waiting, granted=len(self.leases.granted()),
+                                        headroom=self.headroom(), budget=self.budget, fmt=mem.fmt_bytes)
+        if decision is None:
+            self.blocked_since = None
+            return
+        if self.blocked_since is None:
+            self.blocked_since = now
+        if now - self.blocked_since < self.cfg.lease_max_wait_s:
+            return
+        job = self.jobs[decision.job_id]
+        log.warning("job %s: %s (%s)", job.id, decision.action, decision.reason)
+        if decision.action == "pause":
+            self._pause(job, decision.reason)
+        else:
+            self.failing[job.id] = decision.reason
+            job.control, job.reason = "stop", f"failing: {decision.reason}"
+            self._event(job, "fail", {"reason": decision.reason})
+            self._save(job)
+            self._spawn_task(self._escalate(job.id))
+        self.blocked_since = None
 
     def _heartbeat_of(self, job_id: str) -> float | None:
         job = self.jobs.get(job_id)
@@ -487,7 +520,7 @@ class Daemon:
             return
         dev = self.device
         assert dev is not None
-        pend = self.pending()
+        pend = self.pending() + sum(x.nbytes for x in self.leases.waiting())  # running jobs' heavy phases first
         decisions = admission.admit(
             candidates,
             budget=self.budget,
@@ -581,6 +614,8 @@ class Daemon:
             job.state, job.reason = "done", ""
             if report:
                 job.step = int(report.get("steps_done", job.step))
+        elif job.id in self.failing:
+            job.state, job.reason = "failed", self.failing.pop(job.id)
         elif job.control == "stop" and rc in (EXIT_CANCELLED, EXIT_PAUSED) or (job.control == "stop" and rc and rc < 0):
             job.state, job.reason = "cancelled", "cancelled"
         elif rc == EXIT_CANCELLED:

@@ -92,3 +92,53 @@ def choose(
         elif overdue:
             break  # it has waited long enough: nobody behind it may take the memory it needs
     return granted
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A running job, as the deadlock check sees it."""
+
+    job_id: str
+    started: float
+    usage: int  # its measured memory now
+
+
+@dataclass(frozen=True)
+class Unblock:
+    job_id: str
+    action: str  # "pause" (frees its memory for the others; it is readmitted later) or "fail"
+    reason: str
+
+
+def unblock(running: list[Holder], waiting: list[Request], *, granted: int, headroom: int,
+            budget: int, fmt=lambda n: f"{n} B") -> Unblock | None:
+    """What to do when the leases are stuck for good, else None.
+
+    Stuck means: every running job has a request waiting, none of them fits the headroom, and no
+    lease is held (so nothing will be released). A worker keeps stepping while it waits, but it
+    cannot finish without its heavy phase, so memory never comes down by itself. Then:
+    - a job whose request cannot fit even if it ran alone under the budget fails, with the numbers;
+    - otherwise the youngest running job pauses (it checkpoints, frees its memory, is readmitted
+      once the others have their phases), as memory pressure would pick it.
+    A lone job whose request would fit alone waits: the memory is held by something else.
+    """
+    if granted or not running or not waiting:
+        return None
+    need: dict[str, Request] = {}
+    for r in waiting:
+        if r.job_id not in need or r.nbytes > need[r.job_id].nbytes:
+            need[r.job_id] = r
+    if any(j.job_id not in need for j in running) or min(r.nbytes for r in waiting) <= headroom:
+        return None
+    for j in sorted(running, key=lambda j: j.started):
+        r = need[j.job_id]
+        alone = budget - j.usage
+        if r.nbytes > alone:
+            return Unblock(j.job_id, "fail", f"its {r.phase} phase needs a memory lease of {fmt(r.nbytes)}, but even "
+                           f"running alone it would have only {fmt(max(alone, 0))} of the {fmt(budget)} budget: "
+                           "raise the daemon's --budget, lower batch_size/max_length, or use dizo.projection: zo")
+    if len(running) < 2:
+        return None
+    youngest = max(running, key=lambda j: (j.started, j.job_id))
+    return Unblock(youngest.job_id, "pause", f"lease deadlock: every running job waits for a heavy-phase lease and "
+                   f"none fits ({fmt(headroom)} free of the budget); paused to let the others finish theirs")

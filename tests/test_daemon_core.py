@@ -165,3 +165,61 @@ def test_router_matches_and_rejects():
         r.match("GET", "/nope")
     assert e.value.status == 404
     assert asyncio.run(h(None)) is None
+
+
+def test_a_lease_deadlock_pauses_the_youngest_after_the_wait(core):
+    """Every running job waits on a lease none of which fits and nobody holds one: nothing would
+    change by itself, so after lease_max_wait_s the youngest pauses and frees its memory."""
+    core.cfg.lease_max_wait_s = 5.0
+    jobs = [_running(core, j, float(i)) for i, j in enumerate(["a", "b", "c"])]
+    core.device = _device(900 * MiB)
+    for j in jobs:
+        core.leases.request(j.id, "projection", 300 * MiB, now=0.0)
+    core._unblock_leases(100.0)
+    assert all(j.control == "run" for j in jobs)  # stuck, but not for long enough yet
+    core._unblock_leases(106.0)
+    assert jobs[2].control == "pause" and "lease deadlock" in jobs[2].pause_reason
+    assert jobs[0].control == jobs[1].control == "run"
+    core._unblock_leases(200.0)
+    assert jobs[1].control == "run"  # one at a time: the paused one has not exited yet
+
+
+def test_waiting_leases_come_before_admitting_another_job(core):
+    """Memory freed by a paused job goes to the running jobs' waiting heavy phases, not to a
+    readmission that would recreate the deadlock."""
+    _running(core, "a", 1.0)
+    core.device = _device(400 * MiB)
+    core.leases.request("a", "projection", 500 * MiB, now=0.0)
+    queued = Job(id="q", seq=9, name="q", spec={"budget": None, "steps": 10}, job_dir="/nonexistent",
+                 created=0.0, state="queued", estimate=300 * MiB, queued_at=0.0)
+    core.jobs["q"] = queued
+    started: list[str] = []
+    core._start = lambda job, now: started.append(job.id)
+    core._admit(10.0)
+    assert started == [] and queued.reason  # 400 used + 500 promised to a waiting phase + 300 > 1000
+    core.leases.release("a", "projection")
+    core._admit(11.0)
+    assert started == ["q"]
+
+
+def test_a_phase_that_cannot_fit_even_alone_fails_the_job_with_the_numbers(core):
+    from daemon.core import EXIT_CANCELLED
+
+    core.cfg.lease_max_wait_s = 0.0
+    core.cfg.cancel_grace_s = 60.0
+    job = _running(core, "big", 1.0)
+    core.device = _device(700 * MiB)
+    core.device.jobs["big"] = 700 * MiB
+    core.leases.request("big", "projection", 600 * MiB, now=0.0)
+
+    async def decide() -> None:
+        core._unblock_leases(1.0)
+        core._unblock_leases(2.0)
+        for t in list(core._tasks):
+            t.cancel()
+
+    asyncio.run(decide())
+    assert job.control == "stop" and job.reason.startswith("failing:")
+    core._finish(job, EXIT_CANCELLED, None)  # the worker stopped at a step boundary
+    assert job.state == "failed"
+    assert "600.0 MiB" in job.reason and "--budget" in job.reason, job.reason

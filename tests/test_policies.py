@@ -138,3 +138,39 @@ def test_policies_are_pure_stdlib():
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
         src = path.read_text()
         assert "time.time(" not in src and "open(" not in src, path.name
+
+
+# --- lease deadlock -------------------------------------------------------------------------------
+
+def _req(job: str, nbytes: int, phase: str = "projection") -> leases.Request:
+    return leases.Request(f"{job}/{phase}", job, phase, nbytes, since=0.0)
+
+
+def test_unblock_pauses_the_youngest_when_every_running_job_waits_on_a_lease_that_cannot_fit():
+    running = [leases.Holder("a", 1.0, 400), leases.Holder("b", 2.0, 400), leases.Holder("c", 3.0, 400)]
+    waiting = [_req("a", 300), _req("b", 300), _req("c", 300)]
+    d = leases.unblock(running, waiting, granted=0, headroom=200, budget=1400)
+    assert d is not None and d.action == "pause" and d.job_id == "c" and "deadlock" in d.reason
+
+
+@pytest.mark.parametrize("change", ["one fits", "one holds a lease", "one is not waiting", "alone"])
+def test_unblock_leaves_leases_alone_when_something_can_still_move(change):
+    running = [leases.Holder("a", 1.0, 400), leases.Holder("b", 2.0, 400)]
+    waiting = [_req("a", 300), _req("b", 300)]
+    kw = {"granted": 0, "headroom": 200, "budget": 1200}
+    if change == "one fits":
+        waiting[1] = _req("b", 150)
+    elif change == "one holds a lease":
+        kw["granted"] = 1
+    elif change == "one is not waiting":
+        waiting = waiting[:1]
+    else:  # a lone job whose phase would fit under the budget: something else holds the memory
+        running, waiting = running[:1], waiting[:1]
+    assert leases.unblock(running, waiting, **kw) is None
+
+
+def test_unblock_fails_a_job_whose_phase_cannot_fit_even_alone():
+    running = [leases.Holder("a", 1.0, 900)]
+    d = leases.unblock(running, [_req("a", 400)], granted=0, headroom=100, budget=1000, fmt=lambda n: f"{n}B")
+    assert d is not None and d.action == "fail" and d.job_id == "a"
+    assert "400B" in d.reason and "100B" in d.reason and "--budget" in d.reason
