@@ -15,6 +15,8 @@ load, one warm-up step, then
 Memory: on CPU the process RSS (high-water mark reset through /proc/self/clear_refs before each
 measurement, VmHWM read after; the average samples /proc/self/statm every 5 ms), so it includes the
 Python/torch runtime; on CUDA torch.cuda.max_memory_allocated / memory_allocated (tensors only).
+On CPU each child runs with MALLOC_MMAP_THRESHOLD_=1MiB, as the daemon's workers do (large
+transient buffers go back to the OS when freed instead of staying in the heap's high-water mark).
 Ratios are to the fp16 full-parameter run. The model is built once from the named config with
 random weights (speed and memory do not depend on weight values) and cached as fp16 safetensors.
 """
@@ -229,7 +231,10 @@ def child(args) -> dict:
 def run_child(args, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--model-dir", str(args.model_dir), "--device", args.device,
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.device == "cpu":  # as the daemon runs its CPU workers (daemon.core.worker_env)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
         return {"mode": mode, "error": tail or f"exit {proc.returncode}"}

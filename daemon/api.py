@@ -39,6 +39,7 @@ def build_router(d: Daemon) -> Router:
             "version": edgezo.__version__,
             "endpoints": [
                 "GET /health", "GET /jobs", "POST /jobs", "GET /jobs/{id}", "POST /jobs/{id}/cancel",
+                "POST /jobs/{id}/retry",
                 "DELETE /jobs/{id}", "GET /jobs/{id}/events[?after=N&follow=1]", "GET /jobs/{id}/logs[?follow=1]",
                 "GET /jobs/{id}/report", "GET /jobs/{id}/memory", "GET /device", "GET /leases", "POST /leases",
                 "DELETE /leases/{job}/{phase}", "GET /metrics", "GET /debug/modules",
@@ -87,6 +88,17 @@ def build_router(d: Daemon) -> Router:
 
     async def cancel_job(req: Request) -> Response:
         return Response(body=d.job_view(d.cancel(job_of(req))))
+
+    async def retry_job(req: Request) -> Response:
+        body = req.json()
+        budget = body.get("budget") if isinstance(body, dict) else None
+        try:
+            job = d.retry(job_of(req), None if budget is None else str(budget))
+        except SpecError as e:
+            return Response(422, {"error": str(e), "field": e.field, "message": e.message})
+        except ValueError as e:
+            raise HTTPError(409, str(e)) from None
+        return Response(body=d.job_view(job))
 
     async def events(req: Request) -> Response:
         job = job_of(req)
@@ -174,6 +186,7 @@ def build_router(d: Daemon) -> Router:
     r.add("GET", "/jobs/{id}", get_job)
     r.add("DELETE", "/jobs/{id}", cancel_job, mutating=True)
     r.add("POST", "/jobs/{id}/cancel", cancel_job, mutating=True)
+    r.add("POST", "/jobs/{id}/retry", retry_job, mutating=True)
     r.add("GET", "/jobs/{id}/events", events)
     r.add("POST", "/jobs/{id}/events", post_event, mutating=True)
     r.add("POST", "/jobs/{id}/heartbeat", heartbeat, mutating=True)

@@ -103,6 +103,7 @@ class Daemon:
         self.over_since: float | None = None
         self.blocked_since: float | None = None  # when the leases last became stuck (see _unblock_leases)
         self.failing: dict[str, str] = {}  # job -> why the daemon is stopping it as failed
+        self.over_own_since: dict[str, float] = {}  # job -> since when it is over its own budget
         self.timers = windows.Timers(self.wake)
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -256,6 +257,7 @@ class Daemon:
                 except ValueError as e:
                     raise SpecError(field, str(e)) from None
         spec["window"] = window
+        self._check_own_budget(spec)
         assert self.store is not None
         seq = self.store.next_seq()
         job_id = f"{spec['name']}-{seq}"
@@ -312,6 +314,37 @@ class Daemon:
         self.wake()
         return job
 
+    def _check_own_budget(self, spec: dict) -> None:
+        """A job allotted more than the whole device budget would wait forever: refuse it now."""
+        if spec.get("budget") and self.budget and int(spec["budget"]) > self.budget:
+            raise SpecError("budget", f"{mem.fmt_bytes(int(spec['budget']))} is more than this daemon's whole "
+                            f"budget ({mem.fmt_bytes(self.budget)}); lower it or start the daemon with a larger --budget")
+
+    def retry(self, job: Job, budget: str | None = None) -> Job:
+        """Queue a failed or cancelled job again; its worker resumes from the seed-log, so no step
+        done is lost. `budget` replaces the job's own budget (it is not part of the spec hash)."""
+        if job.state not in ("failed", "cancelled"):
+            raise ValueError(f"job {job.id} is {job.state}; only failed or cancelled jobs can be retried")
+        if budget is not None:
+            value = None if budget.strip().lower() in ("", "null", "none") else budget
+            spec = load_spec({**job.spec, "budget": value})  # SpecError names the field
+            self._check_own_budget(spec)
+            job.spec["budget"] = spec["budget"]
+            (Path(job.job_dir) / "spec.json").write_text(json.dumps(job.spec, indent=2) + "\n")
+            job.estimate = int(spec["budget"]) if spec["budget"] else self.estimate(job.spec).steady
+            job.measured = None
+        failure = Path(job.job_dir) / "failure.json"
+        if failure.exists():  # kept for the record, but no longer this run's reason
+            failure.replace(failure.with_name(f"failure.{int(time.time())}.json"))
+        was = job.reason
+        job.state, job.reason, job.control, job.pause_reason = "queued", "", "run", ""
+        job.queued_at, job.finished, job.attempts = time.time(), None, 0
+        self._event(job, "retry", {"previous": was, "budget": job.spec.get("budget")})
+        self._save(job)
+        self._watch_time(job)
+        self.wake()
+        return job
+
     async def _escalate(self, job_id: str) -> None:
         await asyncio.sleep(self.cfg.cancel_grace_s)
         proc = self.procs.get(job_id)
@@ -358,6 +391,8 @@ class Daemon:
     def lease_request(self, job: Job, phase: str, nbytes: int) -> Lease:
         now = time.time()
         job.heartbeat = now
+        if job.control == "stop":  # never granted: the worker sees control=stop in the answer and stops
+            return Lease(0, job.id, phase, int(nbytes), now, now)
         lease = self.leases.request(job.id, phase, nbytes, now)
         if lease.granted is None and not self.stopping:
             self._grant(now)
@@ -426,6 +461,7 @@ class Daemon:
         if not self.stopping:
             self._enforce_windows(now)
             self._relieve_pressure(now)
+            self._enforce_job_budgets(now)
             self._admit(now)
             self._grant(now)
             self._unblock_leases(now)
@@ -456,11 +492,7 @@ class Daemon:
         if decision.action == "pause":
             self._pause(job, decision.reason)
         else:
-            self.failing[job.id] = decision.reason
-            job.control, job.reason = "stop", f"failing: {decision.reason}"
-            self._event(job, "fail", {"reason": decision.reason})
-            self._save(job)
-            self._spawn_task(self._escalate(job.id))
+            self._fail(job, decision.reason)
         self.blocked_since = None
 
     def _heartbeat_of(self, job_id: str) -> float | None:
@@ -494,6 +526,31 @@ class Daemon:
             self._pause(self.jobs[victim], f"memory pressure: {mem.fmt_bytes(dev.usage)} used, "
                                            f"budget {mem.fmt_bytes(self.budget)}, {mem.fmt_bytes(dev.free)} free")
             self.over_since = now
+
+    def _enforce_job_budgets(self, now: float) -> None:
+        """A job's own `budget:` caps its steady footprint (outside leased heavy phases, which the
+        device budget governs): over it for `--pressure-grace` seconds, the job fails (pausing would
+        only readmit it into the same overrun), saying how to resume it."""
+        for job in self._running():
+            cap = job.spec.get("budget")
+            used = self._usage(job.id)
+            leased = any(x.granted is not None for x in self.leases.of_job(job.id))
+            if not cap or job.control != "run" or leased or used <= int(cap):
+                self.over_own_since.pop(job.id, None)
+                continue
+            since = self.over_own_since.setdefault(job.id, now)
+            if now - since >= self.cfg.pressure_grace_s:
+                self._fail(job, admission.over_own_budget(used, int(cap), now - since, job.id))
+
+    def _fail(self, job: Job, reason: str) -> None:
+        """Stop a running job at a step boundary and mark it failed with `reason`."""
+        log.warning("job %s: failing: %s", job.id, reason)
+        self.failing[job.id] = reason
+        self.over_own_since.pop(job.id, None)
+        job.control, job.reason = "stop", f"failing: {reason}"
+        self._event(job, "fail", {"reason": reason})
+        self._save(job)
+        self._spawn_task(self._escalate(job.id))
 
     def _pause(self, job: Job, why: str) -> None:
         job.control = "pause"

@@ -173,6 +173,10 @@ class Client:
     def cancel(self, job: str) -> dict:
         return self.request("POST", f"/jobs/{quote(job, safe='')}/cancel")
 
+    def retry(self, job: str, budget: str | None = None) -> dict:
+        body = {"budget": budget} if budget is not None else {}
+        return self.request("POST", f"/jobs/{quote(job, safe='')}/retry", body)
+
     def report(self, job: str) -> dict:
         return self.request("GET", f"/jobs/{quote(job, safe='')}/report")
 

@@ -230,6 +230,15 @@ def cmd_cancel(args) -> int:
 
 
 @_guard
+def cmd_retry(args) -> int:
+    """Queue a failed or cancelled job again; it resumes from its seed-log (no step is redone)."""
+    job = _client(args).retry(args.job, args.budget)
+    print(f"{job['id']}: {job['state']}, resumes from step {job.get('step', 0)}"
+          + (f" with budget {args.budget}" if args.budget else ""))
+    return 0
+
+
+@_guard
 def cmd_logs(args) -> int:
     """The worker's log (progress lines, tracebacks); -f follows it until the job ends."""
     c = _client(args)
@@ -373,6 +382,12 @@ def add_commands(sub) -> None:
     c.add_argument("job")
     _socket_arg(c)
     c.set_defaults(func=cmd_cancel)
+
+    rt = sub.add_parser("retry", help="queue a failed or cancelled job again; it resumes from its seed-log")
+    rt.add_argument("job")
+    rt.add_argument("--budget", help="a new per-job budget (e.g. 3GiB; 'null' removes it)")
+    _socket_arg(rt)
+    rt.set_defaults(func=cmd_retry)
 
     lg = sub.add_parser("logs", help="a job's worker log")
     lg.add_argument("job")

@@ -88,3 +88,10 @@ def pressure_victim(running: list[tuple[str, float]], over_bytes: int) -> str | 
     if over_bytes <= 0 or not running:
         return None
     return max(running, key=lambda r: (r[1], r[0]))[0]
+
+
+def over_own_budget(used: int, cap: int, for_s: float, job_id: str) -> str:
+    """Why a job over its own `budget:` is stopped, and how to go on (the seed-log keeps its steps)."""
+    return (f"used {fmt_bytes(used)}, over its own budget of {fmt_bytes(cap)} for {for_s:.0f} s; "
+            f"`edgezo retry {job_id} --budget SIZE` resumes it from its seed-log with a larger budget")
+

@@ -223,3 +223,36 @@ def test_a_phase_that_cannot_fit_even_alone_fails_the_job_with_the_numbers(core)
     core._finish(job, EXIT_CANCELLED, None)  # the worker stopped at a step boundary
     assert job.state == "failed"
     assert "600.0 MiB" in job.reason and "--budget" in job.reason, job.reason
+
+
+def test_a_job_allotted_more_than_the_whole_budget_is_refused_at_enqueue(core):
+    from edgezo.spec import SpecError
+
+    with pytest.raises(SpecError) as e:
+        core.enqueue({"name": "huge", "budget": "2GiB"})
+    assert e.value.field == "budget" and "1000.0 MiB" in str(e.value)
+    assert not core.jobs
+
+
+def test_over_its_own_budget_outside_leases_fails_after_the_grace(core):
+    job = _running(core, "own", 1.0)
+    job.spec["budget"] = 100 * MiB
+    core.device = _device(150 * MiB)
+    core.device.jobs["own"] = 150 * MiB
+    core.leases.request("own", "projection", 200 * MiB, now=0.0)
+    core.leases.grant(10**12, 0.0, lambda j: 0)
+    core._enforce_job_budgets(10.0)
+    core._enforce_job_budgets(20.0)
+    assert job.control == "run"  # inside a leased heavy phase: the device budget governs
+
+    async def over() -> None:
+        core.leases.release("own", "projection")
+        core._enforce_job_budgets(30.0)
+        core._enforce_job_budgets(30.5)
+        assert job.control == "run"  # within the grace
+        core._enforce_job_budgets(31.5)
+        for t in list(core._tasks):
+            t.cancel()
+
+    asyncio.run(over())
+    assert job.control == "stop" and "over its own budget of 100.0 MiB" in job.reason

@@ -106,3 +106,29 @@ def test_daemon_kill9_and_restart_resumes_from_the_seed_log(daemon, spec_for):
     assert len(starts) == 2 and starts[1]["resumed_from"] >= seen  # nothing the daemon saw is redone or lost
     report = d.client().report(job)
     assert report["steps_done"] == total
+
+
+def test_a_job_over_its_own_budget_fails_and_retry_resumes_it(daemon, spec_for):
+    """A spec's `budget:` is a cap: the job fails saying so, and `edgezo retry --budget` resumes it
+    from its seed-log (no step redone) to the end."""
+    d = daemon("--pressure-grace", "0.5")
+    total = 400
+    job = d.enqueue(spec_for("capped", steps=total, eval_every=0, eval_size=0, snapshot_every=50,
+                             budget="64MiB"))["id"]
+    failed = d.wait_state(job, ("failed", "done"), 180)
+    assert failed["state"] == "failed", failed
+    assert "over its own budget of 64.0 MiB" in failed["reason"] and "edgezo retry" in failed["reason"]
+    reached = failed["step"]  # the runtime alone is over 64 MiB: it fails early, maybe at step 0
+    assert reached < total
+
+    too_big = d.cli("retry", job, "--budget", "4GiB")  # more than the daemon's whole 2 GiB budget
+    assert too_big.returncode != 0 and "budget" in too_big.stderr and d.job(job)["state"] == "failed"
+    out = d.cli("retry", job, "--budget", "1GiB")
+    assert out.returncode == 0 and "queued" in out.stdout, out.stderr
+    done = d.wait_state(job, ("done", "failed"), 180)
+    assert done["state"] == "done", done
+    starts = [e["data"] for e in d.events(job) if e["kind"] == "start"]
+    assert starts[-1]["resumed_from"] >= reached - 1
+    assert d.client().report(job)["steps_done"] == total
+    again = d.cli("retry", job)
+    assert again.returncode != 0 and "only failed or cancelled" in (again.stderr + again.stdout)
