@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import nn
@@ -182,11 +183,27 @@ def philox_available(device: torch.device) -> str | None:
         from edgezo import triton_noise
     except ImportError as e:  # pragma: no cover - the module itself imports triton lazily
         return str(e)
-    if triton_noise.available(device):
-        return None
-    if device.type == "cuda":
-        return "Triton is not installed (pip install triton)"
-    return "it runs on CUDA devices (or on the CPU only under TRITON_INTERPRET=1, for testing)"
+    if not triton_noise.available(device):
+        if device.type == "cuda":
+            return "Triton is not installed (pip install triton)"
+        return "it runs on CUDA devices (or on the CPU only under TRITON_INTERPRET=1, for testing)"
+    return _philox_smoke(str(device))
+
+
+@cache
+def _philox_smoke(device: str) -> str | None:
+    """Compile and run the kernel once on a few elements: a GPU Triton cannot target (or a broken
+    install) shows up here, at job start, instead of in the middle of a step."""
+    from edgezo import triton_noise
+
+    try:
+        t = torch.zeros(8, device=device)
+        triton_noise.add_noise_(t, t, 1, 1.0)
+        if not bool(torch.isfinite(t).all()) or not bool(t.ne(0).any()):
+            return "its smoke test produced no noise"
+    except Exception as e:  # compiler/driver errors have many types; any of them means "not here"
+        return f"Triton failed on this device ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
 
 
 def make_noise(name: str, device: torch.device) -> TorchNoise | PhiloxNoise:

@@ -19,6 +19,7 @@ from edgezo.cli import main as cli_main
 from edgezo.perturb import make_noise
 from edgezo.spec import SpecError, load_spec
 from edgezo.trainer import TrainingError, build_engine, prepare_job_dir, run_job
+from tests.tiny import job_weights, same_tensors
 
 try:
     import importlib.util
@@ -29,15 +30,17 @@ except ValueError:  # pragma: no cover
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (optional)")
 
 
-def _weights(job_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted((job_dir / json.loads((job_dir / "spec.json").read_text())["output"]).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+_weights, _same = job_weights, same_tensors
 
 
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def _rewrite_log(path: Path, header: dict, frames: list) -> None:
+    """Replace a seed-log with one holding `header` and `frames` (to forge or cut one)."""
+    tmp = path.with_name("rewritten.ezl")
+    w = seedlog.SeedLogWriter.create(tmp, header, 1)
+    for f in frames:
+        w.append(f.kind, f.data)
+    w.close()
+    tmp.replace(path)
 
 
 def test_noise_field_is_validated_and_auto_is_torch_on_cpu(tiny_spec_dict):
@@ -63,12 +66,7 @@ def test_a_log_written_with_philox_refuses_to_resume_where_philox_cannot_run(tmp
     header, frames = seedlog.read(log)
     assert header["noise"] == "torch"
     header["noise"] = "philox"  # as if written on a GPU with Triton
-    forged = tmp_path / "forged.ezl"
-    w = seedlog.SeedLogWriter.create(forged, header, 1)
-    for f in frames:
-        w.append(f.kind, f.data)
-    w.close()
-    forged.replace(log)
+    _rewrite_log(log, header, frames)
     (job / "report.json").unlink()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(TrainingError, match="written with the philox noise stream"):
@@ -99,16 +97,30 @@ def test_philox_job_trains_replays_and_resumes_bit_exact(tmp_path, tiny_spec_dic
     job = prepare_job_dir(tmp_path / "job", spec)
     run_job(job)
     header, frames = seedlog.read(job / "seedlog.ezl")
-    keep = [f for f in frames if not (f.kind == seedlog.STEP and f.data["step"] >= 4)]
-    cut = tmp_path / "cut.ezl"
-    w = seedlog.SeedLogWriter.create(cut, header, 1)
-    for f in keep:
-        w.append(f.kind, f.data)
-    w.close()
-    cut.replace(job / "seedlog.ezl")
+    _rewrite_log(job / "seedlog.ezl", header, [f for f in frames if not (f.kind == seedlog.STEP and f.data["step"] >= 4)])
     (job / "report.json").unlink()
     spec_path = job / "spec.json"
     spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), "noise": "torch"}))
     run_job(job)
     assert _same(trained, _weights(job))
     assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+@needs_triton
+def test_a_device_triton_fails_on_is_reported_at_job_start_not_mid_step(monkeypatch):
+    from edgezo import perturb, triton_noise
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    perturb._philox_smoke.cache_clear()
+    assert perturb.philox_available(torch.device("cpu")) is None
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX .version 8.4 does not support .target sm_53")
+
+    monkeypatch.setattr(triton_noise, "add_noise_", broken)
+    perturb._philox_smoke.cache_clear()
+    why = perturb.philox_available(torch.device("cpu"))
+    assert why is not None and "sm_53" in why
+    with pytest.raises(perturb.NoiseUnavailable, match="sm_53"):
+        make_noise("philox", torch.device("cpu"))
+    perturb._philox_smoke.cache_clear()

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from edgezo.cli import main as cli_main
 from edgezo.spec import load_spec
 from edgezo.trainer import prepare_job_dir, run_job
+from tests.tiny import job_weights, same_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,15 +27,7 @@ def _job(tmp_path, spec_dict, name="job", **overrides):
     return prepare_job_dir(tmp_path / name, spec)
 
 
-def _weights(job_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted((job_dir / json.loads((job_dir / "spec.json").read_text())["output"]).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+_weights, _same = job_weights, same_tensors
 
 
 def test_run_writes_report_with_metrics_and_memory(tmp_path, tiny_spec_dict):

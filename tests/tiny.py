@@ -105,3 +105,21 @@ def tiny_spec(model_dir: Path, data_dir: Path, **overrides) -> dict:
     for k, v in overrides.items():
         spec[k] = v
     return spec
+
+
+def job_weights(job_dir: Path) -> dict:
+    """The tensors a finished job exported, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    output = json.loads((Path(job_dir) / "spec.json").read_text())["output"]
+    for f in sorted((Path(job_dir) / output).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    """The same names and bit-identical tensors."""
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
