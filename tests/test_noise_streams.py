@@ -7,7 +7,6 @@ so these tests skip where triton is not installed (it is optional; CI does not i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,8 @@ try:
 except ValueError:  # pragma: no cover
     HAS_TRITON = False
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (optional)")
+# philox runs on the GPU where there is one, else on the CPU through triton's interpreter (conftest)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 _weights, _same = job_weights, same_tensors
@@ -74,10 +75,9 @@ def test_a_log_written_with_philox_refuses_to_resume_where_philox_cannot_run(tmp
 
 
 @needs_triton
-def test_philox_job_trains_replays_and_resumes_bit_exact(tmp_path, tiny_spec_dict, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_philox_job_trains_replays_and_resumes_bit_exact(tmp_path, tiny_spec_dict):
     spec = load_spec({**tiny_spec_dict, "noise": "philox", "steps": 6, "eval_size": 0, "snapshot_every": 4,
-                      "precision": "fp16"})
+                      "precision": "fp16", "device": DEVICE})
     ref = prepare_job_dir(tmp_path / "ref", spec)
     run_job(ref)
     assert seedlog.read(ref / "seedlog.ezl")[0]["noise"] == "philox"
@@ -103,24 +103,24 @@ def test_philox_job_trains_replays_and_resumes_bit_exact(tmp_path, tiny_spec_dic
     spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), "noise": "torch"}))
     run_job(job)
     assert _same(trained, _weights(job))
-    assert os.environ["TRITON_INTERPRET"] == "1"
 
 
 @needs_triton
 def test_a_device_triton_fails_on_is_reported_at_job_start_not_mid_step(monkeypatch):
     from edgezo import perturb, triton_noise
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     perturb._philox_smoke.cache_clear()
-    assert perturb.philox_available(torch.device("cpu")) is None
+    assert perturb.philox_available(torch.device(DEVICE)) is None
 
     def broken(*a, **k):
         raise RuntimeError("PTX .version 8.4 does not support .target sm_53")
 
     monkeypatch.setattr(triton_noise, "add_noise_", broken)
     perturb._philox_smoke.cache_clear()
-    why = perturb.philox_available(torch.device("cpu"))
+    why = perturb.philox_available(torch.device(DEVICE))
     assert why is not None and "sm_53" in why
     with pytest.raises(perturb.NoiseUnavailable, match="sm_53"):
-        make_noise("philox", torch.device("cpu"))
+        make_noise("philox", torch.device(DEVICE))
+    if DEVICE == "cuda":
+        assert make_noise("auto", torch.device(DEVICE)).name == "torch"  # auto falls back
     perturb._philox_smoke.cache_clear()
