@@ -121,3 +121,13 @@ def test_dizo_projects_the_scales_around_their_quantised_start(tiny_spec_dict):
         engine.method.step(s, lambda s=s: task.objective(train[4 * s: 4 * s + 4]))
     rec = method.project(1, lambda: task.objective(train[:4]), lambda: task.loss(train[:4]))
     assert all(norm > 0 for _, _, norm in rec.layers)
+
+
+def test_dizo_over_scales_replays_bit_exact(tmp_path, tiny_spec_dict):
+    spec = _spec(tiny_spec_dict, method="dizo", steps=6, eval_size=0, dizo={"interval": 3, "iters": 2})
+    job = prepare_job_dir(tmp_path / "job", spec)
+    run_job(job)
+    saved = load_file(str(next((job / spec["output"]).glob("*.safetensors"))))
+    assert cli_main(["replay", str(job), "--out", str(tmp_path / "replayed"), "--from-base"]) == 0
+    replayed = load_file(str(next((tmp_path / "replayed").glob("*.safetensors"))))
+    assert saved.keys() == replayed.keys() and all(torch.equal(saved[k], replayed[k]) for k in saved)
