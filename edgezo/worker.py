@@ -275,6 +275,10 @@ def synthetic_run_job(job_dir: Path, hooks: TrainerHooks) -> dict:
                 pending -= 1
     for _ in range(pending + 1):  # what is still due, then the final phase
         while not hooks.try_lease("eval", int(k["heavy_bytes"])):
+            action = hooks.control()  # the trainer's contract: obey pause/stop while waiting
+            if action in ("pause", "stop"):
+                hooks.on_event("paused" if action == "pause" else "cancelled", {"step": total})
+                raise Paused(total) if action == "pause" else Cancelled(total)
             time.sleep(0.05)
         run_heavy()
     del base
