@@ -528,14 +528,15 @@ class Daemon:
             self.over_since = now
 
     def _enforce_job_budgets(self, now: float) -> None:
-        """A job's own `budget:` caps its steady footprint (outside leased heavy phases, which the
-        device budget governs): over it for `--pressure-grace` seconds, the job fails (pausing would
+        """A job's own `budget:` caps its steady footprint (ZO steps; loading is transient and leased
+        heavy phases are the device budget's business): over it for `--pressure-grace` seconds, the job fails (pausing would
         only readmit it into the same overrun), saying how to resume it."""
         for job in self._running():
             cap = job.spec.get("budget")
             used = self._usage(job.id)
             leased = any(x.granted is not None for x in self.leases.of_job(job.id))
-            if not cap or job.control != "run" or leased or used <= int(cap):
+            steady = job.phase == "zo_step" and not leased  # not loading, evaluating or projecting
+            if not cap or job.control != "run" or not steady or used <= int(cap):
                 self.over_own_since.pop(job.id, None)
                 continue
             since = self.over_own_since.setdefault(job.id, now)

@@ -235,10 +235,14 @@ def test_a_job_allotted_more_than_the_whole_budget_is_refused_at_enqueue(core):
 
 
 def test_over_its_own_budget_outside_leases_fails_after_the_grace(core):
-    job = _running(core, "own", 1.0)
+    job = _running(core, "own", 1.0, phase="load")
     job.spec["budget"] = 100 * MiB
     core.device = _device(150 * MiB)
     core.device.jobs["own"] = 150 * MiB
+    core._enforce_job_budgets(5.0)
+    core._enforce_job_budgets(9.0)
+    assert job.control == "run"  # loading: transient
+    job.phase = "zo_step"
     core.leases.request("own", "projection", 200 * MiB, now=0.0)
     core.leases.grant(10**12, 0.0, lambda j: 0)
     core._enforce_job_budgets(10.0)
