@@ -32,7 +32,8 @@ def _metric_line(m: dict | None) -> str:
 
 def render(report: dict) -> str:
     lines = [
-        f"job        {report.get('name', '?')}  ({report.get('method')}, {report.get('precision')}, model {report.get('model')})",
+        f"job        {report.get('name', '?')}  ({report.get('method')}, {report.get('precision')}, model {report.get('model')}"
+        + (f", noise {report['noise']})" if report.get("noise") else ")"),
         f"status     {report.get('status')}",
         f"steps      {report.get('steps_done')} / {report.get('steps_total')}",
     ]

@@ -358,7 +358,7 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
         export(engine, job_dir / spec["output"])
     writer.close()
     wall = time.monotonic() - t0
-    report = build_report(spec, job_dir, evals, events, meter, step, wall, done_here)
+    report = build_report(spec, job_dir, evals, events, meter, step, wall, done_here, engine.perturber.noise.name)
     write_json_atomic(job_dir / "report.json", report)
     events.emit("done", report={k: report[k] for k in ("status", "steps_done", "metrics")})
     return report
@@ -461,7 +461,7 @@ def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog
 
 
 def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter: MemoryMeter, steps_done: int,
-                 wall: float, steps_here: int) -> dict:
+                 wall: float, steps_here: int, noise: str) -> dict:
     history = [{"step": e["step"], **e["metrics"]} for e in events.history("eval")]
     return {
         "name": spec["name"],
@@ -471,6 +471,7 @@ def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter
         "method": spec["method"],
         "model": spec["model"],
         "precision": spec["precision"],
+        "noise": noise,  # the stream the seed-log pins (the spec may say auto)
         "metrics": {"zero_shot": evals.get("zero_shot"), "final": evals.get("final"), "history": history},
         "timing": {"wall_s": wall, "steps_this_run": steps_here,
                    "steps_per_s": steps_here / wall if wall > 0 else None},

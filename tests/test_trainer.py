@@ -35,6 +35,7 @@ def test_run_writes_report_with_metrics_and_memory(tmp_path, tiny_spec_dict):
     report = run_job(job)
     on_disk = json.loads((job / "report.json").read_text())
     assert on_disk["status"] == "done" and on_disk["steps_done"] == 6
+    assert on_disk["noise"] == "torch"  # auto on the CPU
     assert 0.0 <= on_disk["metrics"]["zero_shot"]["accuracy"] <= 1.0
     assert on_disk["metrics"]["final"]["n"] == 16
     mem = report["memory"]
