@@ -472,11 +472,11 @@ class Daemon:
 
     def _unblock_leases(self, now: float) -> None:
         """Break a lease deadlock that has lasted `lease_max_wait_s` (policies.leases.unblock decides)."""
-        running = self._running()
-        if not self.cfg.leases or any(j.control != "run" for j in running):
-            self.blocked_since = None  # someone is already pausing or stopping: wait for it
+        running, pending = self._running(), self.leases.waiting()
+        if not pending or not self.cfg.leases or any(j.control != "run" for j in running):
+            self.blocked_since = None  # nothing waits, or someone is already pausing or stopping
             return
-        waiting = [lease_policy.Request(x.key, x.job_id, x.phase, x.nbytes, x.requested) for x in self.leases.waiting()]
+        waiting = [lease_policy.Request(x.key, x.job_id, x.phase, x.nbytes, x.requested) for x in pending]
         holders = [lease_policy.Holder(j.id, j.started or 0.0, self._usage(j.id)) for j in running]
         decision = lease_policy.unblock(holders, waiting, granted=len(self.leases.granted()),
                                         headroom=self.headroom(), budget=self.budget, fmt=mem.fmt_bytes)
@@ -529,8 +529,8 @@ class Daemon:
 
     def _enforce_job_budgets(self, now: float) -> None:
         """A job's own `budget:` caps its steady footprint (ZO steps; loading is transient and leased
-        heavy phases are the device budget's business): over it for `--pressure-grace` seconds, the job fails (pausing would
-        only readmit it into the same overrun), saying how to resume it."""
+        heavy phases are the device budget's business). Over it for `--pressure-grace` seconds, the
+        job fails (pausing would only readmit it into the same overrun), saying how to resume it."""
         for job in self._running():
             cap = job.spec.get("budget")
             used = self._usage(job.id)
