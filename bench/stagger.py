@@ -206,6 +206,8 @@ def run_mode(a: argparse.Namespace, model: Path, data: Path, *, n: int, budget: 
             if r.returncode == 0:
                 report = json.loads(r.stdout)
             evs = job_events(d, i)
+            if os.environ.get("STAGGER_DUMP"):
+                Path(os.environ["STAGGER_DUMP"], f"{label}-{i}.json").write_text(json.dumps(evs, indent=1))
             kinds = [e.get("kind") for e in evs]
             local = [json.loads(x) for x in (job_dir / "events.jsonl").read_text().splitlines()
                      ] if (job_dir / "events.jsonl").exists() else []
@@ -222,6 +224,7 @@ def run_mode(a: argparse.Namespace, model: Path, data: Path, *, n: int, budget: 
                 "id": i, "state": view["state"], "failure": failure, "error": view.get("error"),
                 "projections": projections, "projections_expected": a.steps // a.interval,
                 "pauses": kinds.count("pause"), "attempts": view.get("attempts"),
+                "pause_reasons": [e.get("data", {}).get("reason") for e in evs if e.get("kind") == "pause"],
                 "peak_bytes": mem.get("peak_bytes"), "avg_bytes": mem.get("avg_bytes"), "meter": mem.get("meter"),
                 "projection_peak_bytes": (phases.get("projection") or {}).get("peak_bytes"),
                 "zo_step_avg_bytes": (phases.get("zo_step") or {}).get("avg_bytes"), "phases": {k: {x: v.get(x) for x in ("peak_bytes", "avg_bytes", "duration_s")}
@@ -241,7 +244,7 @@ def run_mode(a: argparse.Namespace, model: Path, data: Path, *, n: int, budget: 
             "daemon_device": {k: device.get(k) for k in ("source", "budget_applies_to", "budget_bytes")},
             "daemon_job_peak_sum_bytes": sum(j["daemon_peak_bytes"] or 0 for j in jobs),
             "ooms": oom, "failed": sum(j["state"] != "done" for j in jobs),
-            "pressure_pauses": sum(j["pauses"] for j in jobs),
+            "pauses": sum(j["pauses"] for j in jobs),
             "all_projections_ran": all(j["projections"] == j["projections_expected"] for j in jobs),
             "jobs": jobs,
         }
@@ -262,11 +265,17 @@ def calibrate(a: argparse.Namespace, model: Path, data: Path, env: dict) -> dict
 
 
 def pick_budget(n: int, cal: dict) -> int:
-    """N steady jobs (at their ZO-step peaks) plus one projection (and its lease) fit; two projections don't."""
+    """One projection fits as the daemon counts it, two at once do not.
+
+    The daemon commits every running job at its ZO-step peak (a job waiting for a lease keeps stepping,
+    so it may climb back there) and a lease on top; the budget is that plus a 15 % margin of the
+    projection's extra memory. Counting one job at its ZO-step average instead (as this did before)
+    left all N jobs waiting at once for their last projection (no steps left to overlap) a few MiB
+    short: a lease deadlock to the daemon, which paused one of them."""
     zo_avg, zo_peak, proj = cal["steady_bytes"], cal["zo_peak_bytes"], cal["projection_peak_bytes"]
     delta = max(proj - zo_avg, 0)  # what a projection adds over the steady level
     lease = cal["job"]["lease_bytes"] or delta
-    return int((n - 1) * zo_peak + max(proj, zo_avg + lease) + 0.15 * delta)
+    return int(n * zo_peak + max(lease, delta) + 0.15 * delta)
 
 
 # ------------------------------------------------------------------------------ output
@@ -278,7 +287,7 @@ def table(res: dict, seq_makespan: float) -> str:
     lines.append(f"device peak {fmt(res['device_peak_bytes'])} vs budget {fmt(b)}"
                  f"  ({'OVER by ' + fmt(res['device_peak_bytes'] - b) if over else 'within'};"
                  f" {res['over_budget_s']} s over budget, {res['over_budget_samples']}/{res['samples']} samples)")
-    lines.append(f"OOMs {res['ooms']}, failed jobs {res['failed']}, pressure pauses {res['pressure_pauses']},"
+    lines.append(f"OOMs {res['ooms']}, failed jobs {res['failed']}, pauses {res['pauses']},"
                  f" every projection ran: {res['all_projections_ran']}")
     lines.append(f"makespan {res['makespan_s']} s / sequential {seq_makespan:.1f} s = "
                  f"{res['makespan_s'] / seq_makespan:.2f}")
