@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from edgezo.perturb import Perturber, collect_params, make_noise  # noqa: E402
+from edgezo.noise import make_noise  # noqa: E402
+from edgezo.perturb import Perturber, collect_params  # noqa: E402
 from edgezo.zo import MeZO  # noqa: E402
 
 SHAPES = {  # OPT family shapes (hidden, layers, heads, ffn)

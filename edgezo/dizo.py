@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgezo.perturb import Perturber, ZOParam, mix
+from edgezo.noise import ZOParam, mix
+from edgezo.perturb import Perturber
 from edgezo.scales import SCALE_ATTR
 from edgezo.zo import MeZO, StepRecord
 

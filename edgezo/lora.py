@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgezo.perturb import mix
+from edgezo.noise import mix
 
 ADAPTER_PATTERNS = ("lora_A.", "lora_B.")  # substrings of the adapter tensors' names (collect_params)
 _INIT_STREAM = 0x10EA  # keeps the init seed apart from the step seeds drawn from the same job seed

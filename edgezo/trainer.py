@@ -25,7 +25,8 @@ from edgezo.data import batch_indices, check_fields, data_path, read_rows
 from edgezo.hooks import TrainerHooks
 from edgezo.memory import MemoryMeter
 from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
-from edgezo.perturb import NoiseUnavailable, Perturber, ZOParam, collect_params, make_noise
+from edgezo.noise import NoiseUnavailable, ZOParam, make_noise
+from edgezo.perturb import Perturber, collect_params
 from edgezo.spec import spec_hash
 from edgezo.tasks import make_task
 from edgezo.zo import METHODS, StepRecord, ZOMethod

@@ -8,7 +8,7 @@ of an embedding) is generated alone, bit-identical to the same elements of the f
 
 The stream (a file-format-level contract: a seed log written with it replays only with it)
 ------------------------------------------------------------------------------------------
-For parameter index i at step seed s, the key is k = edgezo.perturb.mix(s, i), a 63-bit integer; the
+For parameter index i at step seed s, the key is k = edgezo.noise.mix(s, i), a 63-bit integer; the
 functions here take k itself. Element e of the tensor (flat, contiguous row-major order, e ≥ 0) gets
 
     q = e // 4 (its quad), lane = e % 4
@@ -254,7 +254,7 @@ def _check(t: torch.Tensor, what: str) -> None:
 def _check_key(key: int) -> int:
     key = int(key)
     if not 0 <= key < 1 << 63:
-        raise ValueError(f"key must be a 63-bit non-negative int (edgezo.perturb.mix), got {key}")
+        raise ValueError(f"key must be a 63-bit non-negative int (edgezo.noise.mix), got {key}")
     return key
 
 

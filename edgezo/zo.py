@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgezo.perturb import Perturber, ZOParam, mix
+from edgezo.noise import ZOParam, mix
+from edgezo.perturb import Perturber
 
 
 @dataclass

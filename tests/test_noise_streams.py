@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from edgezo import seedlog
 from edgezo.cli import main as cli_main
-from edgezo.perturb import make_noise
+from edgezo.noise import make_noise
 from edgezo.spec import SpecError, load_spec
 from edgezo.trainer import TrainingError, build_engine, prepare_job_dir, run_job
 from tests.tiny import job_weights, same_tensors
@@ -107,20 +107,20 @@ def test_philox_job_trains_replays_and_resumes_bit_exact(tmp_path, tiny_spec_dic
 
 @needs_triton
 def test_a_device_triton_fails_on_is_reported_at_job_start_not_mid_step(monkeypatch):
-    from edgezo import perturb, triton_noise
+    from edgezo import noise, triton_noise
 
-    perturb._philox_smoke.cache_clear()
-    assert perturb.philox_available(torch.device(DEVICE)) is None
+    noise._philox_smoke.cache_clear()
+    assert noise.philox_available(torch.device(DEVICE)) is None
 
     def broken(*a, **k):
         raise RuntimeError("PTX .version 8.4 does not support .target sm_53")
 
     monkeypatch.setattr(triton_noise, "add_noise_", broken)
-    perturb._philox_smoke.cache_clear()
-    why = perturb.philox_available(torch.device(DEVICE))
+    noise._philox_smoke.cache_clear()
+    why = noise.philox_available(torch.device(DEVICE))
     assert why is not None and "sm_53" in why
-    with pytest.raises(perturb.NoiseUnavailable, match="sm_53"):
+    with pytest.raises(noise.NoiseUnavailable, match="sm_53"):
         make_noise("philox", torch.device(DEVICE))
     if DEVICE == "cuda":
         assert make_noise("auto", torch.device(DEVICE)).name == "torch"  # auto falls back
-    perturb._philox_smoke.cache_clear()
+    noise._philox_smoke.cache_clear()

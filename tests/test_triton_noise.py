@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from edgezo import triton_noise as tn  # noqa: E402
-from edgezo.perturb import mix  # noqa: E402
+from edgezo.noise import mix  # noqa: E402
 
 DEVICE = torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
 if not tn.available(DEVICE):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from edgezo.models import load
-from edgezo.perturb import Perturber, add_noise_into, collect_params, noise_chunks
+from edgezo.noise import add_noise_into, noise_chunks
+from edgezo.perturb import Perturber, collect_params
 from edgezo.spec import load_spec
 from edgezo.tasks import make_task
 from edgezo.zo import MeZO, StepRecord
@@ -114,18 +115,18 @@ def test_looked_up_rows_equal_the_materialised_table(monkeypatch, dtype):
     across noise chunks, for ids of any shape (repeats included)."""
     from torch import nn
 
-    from edgezo import perturb
+    from edgezo import noise
 
-    monkeypatch.setattr(perturb, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows per chunk: many chunks
+    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows per chunk: many chunks
     emb = nn.Embedding(100, 64).to(dtype)
     (p,) = collect_params(emb, None)
     ids = torch.tensor([[3, 99, 3, 50, 0], [7, 8, 64, 63, 98], [1, 1, 1, 2, 13]])
     full = add_noise_into(torch.empty_like(p.param), p, 42, 1e-2)
-    rows = perturb.TorchNoise().rows(p, 42, 1e-2, ids)
+    rows = noise.TorchNoise().rows(p, 42, 1e-2, ids)
     assert rows.shape == (3, 5, 64) and rows.dtype == dtype
     assert torch.equal(rows, full[ids])
     low = torch.tensor([0, 6, 2])  # only the first chunk is drawn
-    assert torch.equal(perturb.TorchNoise().rows(p, 42, 1e-2, low), full[low])
+    assert torch.equal(noise.TorchNoise().rows(p, 42, 1e-2, low), full[low])
     pert = Perturber([p])
     with pert.active(42, 1e-2):
         assert torch.equal(emb(ids), full[ids])  # the embedding hook takes the same path
