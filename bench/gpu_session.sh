@@ -15,7 +15,7 @@ $py -m pytest -q -m "cuda or not slow" tests/test_triton_noise.py tests/test_noi
     tests/test_dizo.py tests/test_memory.py 2>&1 | tee "$out/tests.txt"
 # issue 6: the ZO step on the GPU, both noise streams, vs two forwards and the MeZO reference
 $py bench/zo_step.py --model opt-2.7b --dtype fp16 --batch 16 --seq 64 --device cuda --noise torch,philox \
-    2>&1 | tee "$out/zo_step_2.7b.txt"
+    --compile 2>&1 | tee "$out/zo_step_2.7b.txt"
 $py bench/zo_step.py --model opt-125m --dtype fp16 --batch 16 --seq 64 --device cuda --noise torch,philox \
     2>&1 | tee "$out/zo_step_125m.txt"
 # issue 5: memory per precision on a GPU-sized shape

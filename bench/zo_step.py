@@ -3,6 +3,7 @@
     python bench/zo_step.py                       # CPU: OPT-125m shape, fp32, batch 8, seq 64
     python bench/zo_step.py --model opt-2.7b --dtype fp16 --batch 16 --seq 64 --device cuda
     python bench/zo_step.py --noise torch,philox     # one edgezo row per noise stream (philox: Triton)
+    python bench/zo_step.py --compile                # also a torch.compile'd forward (CUDA graphs on GPU)
 
 Times (medians after warm-up, variants interleaved round by round so machine noise hits all alike):
   forward   one forward computing only the logits the loss needs (last position, 2 label rows)
@@ -10,6 +11,8 @@ Times (medians after warm-up, variants interleaved round by round so machine noi
             θ + s·ε·z, four sweeps (+ε, −2ε, +ε, update), full-vocabulary logits and LM loss
   edgezo-N  edgezo's MeZO step with noise stream N (on-the-fly perturbation, 3 noise passes,
             last-position logits); "torch": chunked torch.Generator, "philox": fused Triton kernels
+  forward-compiled (--compile) the same forward through torch.compile (mode reduce-overhead, i.e.
+            CUDA graphs, on a GPU), unperturbed: the most compiling the forward could save
 Peak memory: CUDA max_memory_allocated in-process; on CPU each variant runs in its own child
 process and reports its peak RSS during one measured call (high-water mark reset first), so the
 figures do not contaminate each other.
@@ -75,6 +78,10 @@ class Bench:
         self.decoder = self.model.model
         self.head = self.model.get_output_embeddings().weight
         self.step_no = 0
+        self.compiled = None
+        if args.compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.compiled = torch.compile(self.decoder, mode=mode)
 
     # --- edgezo -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -86,6 +93,12 @@ class Bench:
     def forward(self) -> None:
         self.loss_needed_logits()
 
+    @torch.inference_mode()
+    def forward_compiled(self) -> None:
+        h = self.compiled(input_ids=self.ids, attention_mask=self.mask).last_hidden_state[:, -1]
+        logits = h.float() @ self.head[self.verb].float().T
+        float(F.cross_entropy(logits, self.labels))
+
     def edgezo(self, noise: str) -> None:
         self.perturber.noise = self.noises[noise]
         with torch.inference_mode():
@@ -96,7 +109,7 @@ class Bench:
         if variant.startswith("edgezo-"):
             self.edgezo(variant.removeprefix("edgezo-"))
         else:
-            getattr(self, variant)()
+            getattr(self, variant.replace("-", "_"))()
 
     # --- faithful MeZO reference (re-implemented from the algorithm) --------------------------
     @torch.inference_mode()
@@ -131,8 +144,9 @@ class Bench:
             torch.cuda.synchronize()
 
 
-def variants(noise: str) -> list[str]:
-    return ["forward", "reference", *(f"edgezo-{n}" for n in noise.split(","))]
+def variants(noise: str, compile_: bool = False) -> list[str]:
+    return ["forward", "reference", *(f"edgezo-{n}" for n in noise.split(",")),
+            *(["forward-compiled"] if compile_ else [])]
 
 
 def time_all(b: Bench, names: list[str], reps: int, warmup: int) -> dict[str, list[float]]:
@@ -174,7 +188,8 @@ def measured_peak_rss(fn) -> int:
 def child_peak(args, variant: str) -> int:
     """Peak RSS of a fresh process that builds the model and runs `variant` twice."""
     cmd = [sys.executable, __file__, "--child", variant, "--model", args.model, "--dtype", args.dtype,
-           "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--noise", args.noise]
+           "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--noise", args.noise,
+           *(["--compile"] if variant == "forward-compiled" else [])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
 
@@ -189,9 +204,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--noise", default="torch", help="comma-separated noise streams to time (torch, philox)")
+    ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd forward")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    names = variants(args.noise)
+    names = variants(args.noise, args.compile)
+    steps = [v for v in names if v.startswith("edgezo-")]
 
     if args.child:
         b = Bench(args)
@@ -219,11 +236,14 @@ def main() -> None:
         print(f"{v:<15}{med[v] * 1e3:>10.1f}ms{med[v] / two_fwd:>17.2f}{peaks[v] / 2**20:>9.0f}MiB"
               f"{peaks[v] / peaks['forward']:>17.3f}")
     print()
-    for v in names[2:]:
+    for v in steps:
         print(f"{v} step ÷ two forwards:{'':<6}{med[v] / two_fwd:.2f}")
         print(f"MeZO-reference step ÷ {v}:{'':<3}{med['reference'] / med[v]:.2f}")
         print(f"{v} peak ÷ forward peak:{'':<5}{peaks[v] / peaks['forward']:.3f}  ({peak_kind})")
     print(f"reference peak ÷ forward peak:{'':<6}{peaks['reference'] / peaks['forward']:.3f}")
+    if args.compile:
+        print(f"forward ÷ forward-compiled:{'':<9}{med['forward'] / med['forward-compiled']:.2f}  "
+              "(the most compiling the forward could save; the bench's edgezo steps are not compiled)")
 
 
 if __name__ == "__main__":
