@@ -439,9 +439,18 @@ class Daemon:
         return mem.refine(job.estimate, job.measured)
 
     def pending(self) -> int:
-        """Memory promised but not yet visible in measurements: starting workers and fresh leases."""
-        unmeasured = sum(max(self._steady(j) - self._usage(j.id), 0) for j in self._running())
+        """Memory promised but not yet visible in measurements: starting workers and fresh leases.
+
+        A running job is counted at its steady (ZO-step) footprint, since it may climb back there,
+        unless it is idle: every step done and waiting for a lease (its last projection or the final
+        eval). It sleeps until granted, so it holds what it holds now, and the lease covers the rest.
+        Counting idle jobs at their step peaks made jobs queued at the end look like a deadlock."""
+        unmeasured = sum(max(self._steady(j) - self._usage(j.id), 0) for j in self._running() if not self._idle(j))
         return unmeasured + self.leases.outstanding(self._usage)
+
+    def _idle(self, job: Job) -> bool:
+        return (bool(job.steps_total) and job.step >= job.steps_total and self._usage(job.id) > 0
+                and any(x.granted is None for x in self.leases.of_job(job.id)))
 
     def headroom(self) -> int:
         dev = self.device

@@ -184,6 +184,29 @@ def test_a_lease_deadlock_pauses_the_youngest_after_the_wait(core):
     assert jobs[1].control == "run"  # one at a time: the paused one has not exited yet
 
 
+@pytest.mark.parametrize("steps_left", [0, 3])
+def test_jobs_idle_at_their_last_lease_count_at_what_they_hold(core, steps_left):
+    """Three jobs measured at 300 MiB while stepping now hold 280 each and wait for a 150 MiB lease.
+    Still stepping, each may climb back to 300: 900 committed, no lease fits (a deadlock, broken by
+    a pause). With every step done they sleep until granted: 840 committed, one lease fits now."""
+    core.cfg.lease_max_wait_s = 5.0
+    jobs = [_running(core, j, float(i), steps_total=10, step=10 - steps_left, measured=300 * MiB)
+            for i, j in enumerate(["a", "b", "c"])]
+    core.device = _device(840 * MiB)
+    for j in jobs:
+        core.device.jobs[j.id] = 280 * MiB
+        core.leases.request(j.id, "projection", 150 * MiB, now=0.0)
+    core._grant(1.0)
+    core._unblock_leases(1.0)
+    core._unblock_leases(10.0)
+    granted = [x.job_id for x in core.leases.granted()]
+    if steps_left:
+        assert granted == [] and jobs[2].control == "pause" and "lease deadlock" in jobs[2].pause_reason
+    else:
+        assert len(granted) == 1 and all(j.control == "run" for j in jobs)
+        assert core.headroom() < 150 * MiB  # the grant is counted: a second one waits its turn
+
+
 def test_waiting_leases_come_before_admitting_another_job(core):
     """Memory freed by a paused job goes to the running jobs' waiting heavy phases, not to a
     readmission that would recreate the deadlock."""
