@@ -305,7 +305,7 @@ class Daemon:
         if job.state == "running":
             job.control = "stop"
             job.reason = "cancelling: waiting for the worker to stop at a step boundary"
-            self._spawn_task(self._escalate(job.id))
+            self._spawn_task(self._escalate(job.id, self.procs.get(job.id)))
         else:
             job.state, job.finished, job.reason = "cancelled", time.time(), "cancelled before it ran"
             self.timers.forget(job.id)
@@ -345,10 +345,11 @@ class Daemon:
         self.wake()
         return job
 
-    async def _escalate(self, job_id: str) -> None:
+    async def _escalate(self, job_id: str, proc: asyncio.subprocess.Process | None) -> None:
+        """Terminate, then kill, the worker `proc` told to stop if it has not stopped within the
+        grace. Only that worker: if the job was retried meanwhile, its new worker is left alone."""
         await asyncio.sleep(self.cfg.cancel_grace_s)
-        proc = self.procs.get(job_id)
-        if proc is None:
+        if proc is None or self.procs.get(job_id) is not proc:
             return
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
@@ -560,7 +561,7 @@ class Daemon:
         job.control, job.reason = "stop", f"failing: {reason}"
         self._event(job, "fail", {"reason": reason})
         self._save(job)
-        self._spawn_task(self._escalate(job.id))
+        self._spawn_task(self._escalate(job.id, self.procs.get(job.id)))
 
     def _pause(self, job: Job, why: str) -> None:
         job.control = "pause"

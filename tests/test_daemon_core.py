@@ -283,3 +283,35 @@ def test_over_its_own_budget_outside_leases_fails_after_the_grace(core):
 
     asyncio.run(over())
     assert job.control == "stop" and "over its own budget of 100.0 MiB" in job.reason
+
+
+class _Proc:
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+
+    def terminate(self) -> None:
+        self.signals.append("term")
+
+    def kill(self) -> None:
+        self.signals.append("kill")
+
+
+def test_a_stop_escalates_only_against_the_worker_it_was_meant_for(core):
+    """A failed job retried within the cancel grace gets a new worker under the same id; the old
+    worker's escalation timer must not terminate it (it did: the retried job then failed)."""
+    core.cfg.cancel_grace_s = 0.01
+    a, b = _running(core, "a", 1.0), _running(core, "b", 2.0)
+    old, new, b_proc = _Proc(), _Proc(), _Proc()
+    core.procs.update({"a": old, "b": b_proc})
+
+    async def go() -> None:
+        core._fail(a, "over its own budget")
+        core.cancel(b)
+        core.procs["a"] = new  # a was retried and restarted before its grace ran out
+        await asyncio.sleep(0.1)
+        for t in list(core._tasks):
+            t.cancel()
+
+    asyncio.run(go())
+    assert new.signals == [] and old.signals == []
+    assert b_proc.signals == ["term"]  # a worker that ignores its stop is still terminated
