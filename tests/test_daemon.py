@@ -315,10 +315,13 @@ def test_daemon_never_imports_torch(daemon_factory):
 def test_a_lease_deadlock_is_broken_and_both_jobs_finish(daemon_factory):
     """Two jobs whose final heavy phase fits alone but not beside the other: both wait on their lease
     at the end of their run, nothing holds one, so the daemon pauses the youngest; the other runs
-    its phase and finishes, then the paused one is readmitted, resumes and finishes too."""
-    d = daemon_factory("--lease-max-wait", "2", "--reserve", "0", budget="400MiB",
-                       synthetic="step_s=0.05,heavy_every=1000,heavy_bytes=200MiB,heavy_s=0.3,base_bytes=64MiB").start()
-    ids = [d.enqueue(synthetic_spec(f"dl{i}", steps=20, budget="150MiB"))["id"] for i in range(2)]
+    its phase and finishes, then the paused one is readmitted, resumes and finishes too.
+
+    Each worker holds ~150 MiB (128 MiB + the runtime) while it waits, idle: 150 + 250 fits in 450,
+    150 + 150 + 250 does not."""
+    d = daemon_factory("--lease-max-wait", "2", "--reserve", "0", budget="450MiB",
+                       synthetic="step_s=0.05,heavy_every=1000,heavy_bytes=250MiB,heavy_s=0.3,base_bytes=128MiB").start()
+    ids = [d.enqueue(synthetic_spec(f"dl{i}", steps=20, budget="200MiB"))["id"] for i in range(2)]
     done = [d.wait_state(j, ("done", "failed"), 90) for j in ids]
     assert [j["state"] for j in done] == ["done", "done"], done
     pauses = {j: [e["data"]["reason"] for e in d.events(j) if e["kind"] == "pause"] for j in ids}
