@@ -17,6 +17,7 @@ What it does:
    included) every 20 ms; on CUDA the device figure is NVML's used memory.
 
 Prints a table per mode and one machine-readable line `STAGGER_JSON {...}` (also --json FILE).
+With STAGGER_DUMP=DIR in the environment, each job's daemon events (leases, pauses) go to DIR too.
 CPU: the "device" is system memory and the budget applies to the sum of the workers' RSS (what
 the daemon meters). Workers run with MALLOC_MMAP_THRESHOLD_ so freed activations go back to the OS
 (otherwise glibc keeps a heavy phase's pages and RSS never drops; see the printed note).
