@@ -85,6 +85,11 @@ def _pid_is_worker(pid: int, job_id: str) -> bool:
     return b"edgezo.worker" in cmd and job_id.encode() in cmd
 
 
+def _phase_after_heavy(job: Job) -> str:
+    """Back to ZO steps, or, with every step done, on to the end (status showed `zo_step` at 60/60)."""
+    return "export" if job.steps_total and job.step >= job.steps_total else "zo_step"
+
+
 class Daemon:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -379,7 +384,7 @@ class Daemon:
                 job.phase = "zo_step"
         elif kind == "phase":
             p, state = data.get("phase", ""), data.get("state", "begin")
-            job.phase = p if state == "begin" else "zo_step"
+            job.phase = p if state == "begin" else _phase_after_heavy(job)
         self._event(job, kind, data)
         if kind != "step":  # steps are saved with the next memory sample (see `sample`)
             self._save(job)
@@ -405,7 +410,7 @@ class Daemon:
     def lease_release(self, job: Job, phase: str) -> Lease | None:
         lease = self.leases.release(job.id, phase)
         if lease is not None and job.phase == phase:
-            job.phase = "export" if job.step >= job.steps_total else "zo_step"
+            job.phase = _phase_after_heavy(job)
         self.wake()
         return lease
 

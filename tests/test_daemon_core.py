@@ -315,3 +315,19 @@ def test_a_stop_escalates_only_against_the_worker_it_was_meant_for(core):
     asyncio.run(go())
     assert new.signals == [] and old.signals == []
     assert b_proc.signals == ["term"]  # a worker that ignores its stop is still terminated
+
+
+def test_after_its_last_heavy_phase_a_job_shows_it_is_finishing(core):
+    """`edgezo status` showed `zo_step` at step 60/60 after the final eval; a mid-run eval still
+    returns to ZO steps."""
+    job = _running(core, "a", 1.0, pid=None)
+    core.worker_event(job, "start", {"steps_total": 10, "resumed_from": 0})
+    core.worker_event(job, "step", {"step": 4})
+    core.worker_event(job, "phase", {"phase": "eval", "state": "begin"})
+    assert job.phase == "eval"
+    core.worker_event(job, "phase", {"phase": "eval", "state": "end"})
+    assert job.phase == "zo_step"
+    core.worker_event(job, "step", {"step": 9})
+    core.worker_event(job, "phase", {"phase": "eval", "state": "begin"})
+    core.worker_event(job, "phase", {"phase": "eval", "state": "end"})
+    assert job.phase == "export"
