@@ -16,12 +16,13 @@ from typing import Any
 import yaml
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-METHODS = ("mezo", "dizo")
+METHODS = ("mezo", "dizo", "fzoo")
 TASK_TYPES = ("classification", "generation")
 SCHEDULES = ("constant", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 NOISE = ("auto", "torch", "philox")
-TRAINABLE_SETS = ("full", "lora", "scales")  # or a list of name patterns
+TRAINABLE_SETS = ("full", "lora", "scales")  # or topK (the last K blocks and the final norm), or name patterns
+TOP_K = re.compile(r"top([1-9][0-9]{0,3})")
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -42,6 +43,9 @@ DEFAULTS: dict[str, Any] = {
         "fo_lr": 0.01,
         "checkpointing": False,
     },
+    # The divergence guard (edgezo/guard.py): when the loss's moving average over `span` steps rises
+    # `rise` (relative) above its best, roll back to that best step and multiply lr by lr_factor.
+    "guard": {"rise": 0.25, "span": 40, "lr_factor": 0.5},
     "task": {
         "type": "classification",
         "train": "default",
@@ -216,7 +220,7 @@ def validate(given: dict) -> dict:
     unknown = sorted(set(given) - KNOWN_TOP)
     if unknown:
         raise SpecError(unknown[0], f"unknown field (known: {', '.join(sorted(KNOWN_TOP))})")
-    for section in ("optim", "dizo", "task", "lora"):
+    for section in ("optim", "dizo", "task", "lora", "guard"):
         if section in given and not isinstance(given[section], dict):
             raise SpecError(section, f"expected a mapping, got {given[section]!r}")
         extra = sorted(set(given.get(section) or {}) - set(DEFAULTS[section]))
@@ -231,7 +235,11 @@ def validate(given: dict) -> dict:
     _choice(spec, "device", DEVICES)
     _choice(spec, "noise", NOISE)
     trainable = spec["trainable"]
-    if isinstance(trainable, str) and trainable.lower() in TRAINABLE_SETS:
+    if isinstance(trainable, str) and re.fullmatch(r"top[0-9]+", trainable.lower()) and not TOP_K.fullmatch(
+            trainable.lower()):
+        raise SpecError("trainable", f"topK trains the last K blocks and the final norm; K must be 1 or more, "
+                        f"got {trainable!r}")
+    if isinstance(trainable, str) and (trainable.lower() in TRAINABLE_SETS or TOP_K.fullmatch(trainable.lower())):
         spec["trainable"] = trainable.lower()
     else:
         spec["trainable"] = _patterns(trainable, "trainable")
@@ -252,6 +260,16 @@ def validate(given: dict) -> dict:
     _num(spec, "optim.weight_decay", lo=0.0)
     _num(spec, "optim.perturbations", kind=int, lo=1)
     _choice(spec, "optim.schedule", SCHEDULES)
+    if spec["method"] == "fzoo" and spec["optim"]["perturbations"] < 2:
+        raise SpecError("optim.perturbations", "fzoo scales its step by the spread of the perturbed losses, so it "
+                        f"needs at least 2 directions per step (8-16 is typical), got {spec['optim']['perturbations']}")
+
+    _num(spec, "guard.rise", lo=0.0)  # 0: off
+    _num(spec, "guard.span", kind=int, lo=1)
+    _num(spec, "guard.lr_factor", lo=0.0, lo_open=True)
+    if spec["guard"]["lr_factor"] > 1.0:
+        raise SpecError("guard.lr_factor", f"lr is multiplied by it after a rollback; must be in (0, 1], "
+                        f"got {spec['guard']['lr_factor']}")
 
     d = spec["dizo"]
     _num(spec, "dizo.interval", kind=int, lo=1)

@@ -19,6 +19,7 @@ from torch import nn
 from edgezo.data import DataError
 from edgezo.models import decoder_of, head_weight
 from edgezo.perturb import Perturber
+from edgezo.prefix import PrefixCache
 
 
 @dataclass
@@ -58,13 +59,59 @@ class Task:
         self.max_length, self.device = max_length, device
         self.decoder = decoder_of(model)
         self.head = head_weight(model)
+        self.prefix: PrefixCache | None = None  # set by the trainer when the bottom of the net is frozen
+        self._capture_next = False
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pc = self.prefix
+        if pc is not None and self._capture_next:
+            self._capture_next = False
+            with pc.capturing(ids):
+                return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        if pc is not None and pc.holds(ids):
+            with pc.replaying():
+                return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def step_objective(self, batch: list[Example]) -> StepObjective:
+        return StepObjective(self, batch)
 
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tok(text)["input_ids"]
         return ids[-self.max_length :]
+
+
+class StepObjective:
+    """The ZO objective on one step's batch: `base()` is the unperturbed value, calling it gives the
+    value under whatever perturbation is active. With a prefix cache the frozen bottom of the network
+    runs once (in `base()`, forced before the first perturbed call) and every call after reuses it."""
+
+    def __init__(self, task: Task, batch: list[Example]):
+        self.task, self.batch = task, batch
+        self._base: float | None = None
+        self.forwards = 0  # full forwards spent (prefix shared: 1, however many directions)
+
+    def base(self) -> float:
+        if self._base is None:
+            t = self.task
+            with t.perturber.inactive():
+                if t.prefix is not None:
+                    t.prefix.clear()
+                    t._capture_next = True
+                self._base = t.objective(self.batch)
+            self.forwards += 1
+        return self._base
+
+    def __call__(self) -> float:
+        if self.task.prefix is not None:
+            self.base()
+        else:
+            self.forwards += 1
+        return self.task.objective(self.batch)
+
+    def done(self) -> None:
+        if self.task.prefix is not None:
+            self.task.prefix.clear()
 
 
 class Classification(Task):

@@ -22,10 +22,11 @@ import torch
 
 from edgezo import seedlog
 from edgezo.data import batch_indices, check_fields, data_path, read_rows
+from edgezo.guard import DivergenceGuard, Rollback
 from edgezo.hooks import TrainerHooks
 from edgezo.memory import MemoryMeter
 from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
-from edgezo.noise import NoiseUnavailable, ZOParam, make_noise
+from edgezo.noise import NoiseUnavailable, ZOParam, make_noise, mix
 from edgezo.perturb import Perturber, collect_params
 from edgezo.spec import spec_hash
 from edgezo.tasks import make_task
@@ -55,6 +56,8 @@ class Engine:
     perturber: Perturber
     method: ZOMethod
     pending_projections: int = 0  # DiZO projections that were due but deferred (no lease yet)
+    guard: DivergenceGuard | None = None
+    base: object | None = None  # the trainable tensors' starting values (dizo.Theta0), for rollbacks
 
 
 def build_engine(spec: dict) -> Engine:
@@ -74,7 +77,18 @@ def build_engine(spec: dict) -> Engine:
             expose(model)
         except ScalesError as e:
             raise TrainingError(str(e)) from None
-    params = collect_params(model, trainable_patterns(spec["trainable"]))
+    trainable = spec["trainable"]
+    if isinstance(trainable, str) and trainable.startswith("top"):  # the last K blocks + the final norm
+        from edgezo.models import decoder_of
+        from edgezo.prefix import top_patterns
+
+        try:
+            patterns = top_patterns(model, decoder_of(model), int(trainable[3:]))
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+    else:
+        patterns = trainable_patterns(trainable)
+    params = collect_params(model, patterns)
     if not params:
         raise TrainingError(f"trainable: no parameter name matches {spec['trainable']}")
     try:
@@ -93,7 +107,14 @@ def build_engine(spec: dict) -> Engine:
             raise TrainingError(str(e)) from None
     else:
         method = METHODS[spec["method"]](params, perturber, **common)
-    return Engine(spec, device, model, tok, path, params, perturber, method)
+    engine = Engine(spec, device, model, tok, path, params, perturber, method)
+    g = spec["guard"]
+    if g["rise"] > 0:
+        from edgezo.dizo import Theta0
+
+        engine.guard = DivergenceGuard(rise=g["rise"], span=g["span"], lr_factor=g["lr_factor"])
+        engine.base = Theta0(path, params)  # read before any resume touches the weights
+    return engine
 
 
 def log_header(engine: Engine) -> dict:
@@ -130,31 +151,62 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
 
         warnings.warn(f"seed-log written on {header.get('device')}, replaying on {mine['device']}: "
                       "the result is close but not bit-identical", stacklevel=2)
-    frames = [f for f in frames if f.kind in (seedlog.STEP, seedlog.PROJECTION, seedlog.SNAPSHOT)]
-    begin, last = 0, -1
-    if use_snapshots:  # the newest snapshot whose file survived; frames after it are replayed
-        for i in range(len(frames) - 1, -1, -1):
-            snap = frames[i].data
-            if frames[i].kind == seedlog.SNAPSHOT and (log_path.parent / snap["file"]).is_file():
-                load_trainable(engine, log_path.parent / snap["file"])
-                begin, last = i + 1, snap["step"]
-                break
-    projections = sum(1 for f in frames if f.kind == seedlog.PROJECTION)
-    for f in frames[begin:]:
-        rec = f.data
+    last = -1  # steps are numbered by iteration: a rollback does not reuse numbers
+    for f in frames:
         if f.kind == seedlog.STEP:
-            if rec["step"] != last + 1:
-                raise TrainingError(f"seed-log {log_path}: step {rec['step']} follows step {last}")
+            if f.data["step"] != last + 1:
+                raise TrainingError(f"seed-log {log_path}: step {f.data['step']} follows step {last}")
+            last = f.data["step"]
+    projections = sum(1 for f in frames if f.kind == seedlog.PROJECTION)
+    live = seedlog.effective(frames)  # what the weights are made of, rollbacks taken into account
+    begin = 0
+    if use_snapshots:  # the newest snapshot whose file survived; frames after it are replayed
+        for i in range(len(live) - 1, -1, -1):
+            snap = live[i].data
+            if live[i].kind == seedlog.SNAPSHOT and (log_path.parent / snap["file"]).is_file():
+                load_trainable(engine, log_path.parent / snap["file"])
+                begin = i + 1
+                break
+    for f in live[begin:]:
+        rec = f.data
+        if f.kind == seedlog.STEP and rec["seeds"]:
             engine.method.apply(StepRecord(step=rec["step"], seeds=rec["seeds"], grads=rec["grads"], lr=rec["lr"],
                                            weight_decay=rec["wd"]))
-            last = rec["step"]
         elif f.kind == seedlog.PROJECTION:
             from edgezo.dizo import projection_from_frame
 
             engine.method.apply_projection(projection_from_frame(rec))
     if engine.spec["method"] == "dizo":  # every due projection runs, however late: due so far minus done
         engine.pending_projections = max(0, (last + 1) // engine.spec["dizo"]["interval"] - projections)
+    if engine.guard is not None:
+        _replay_guard(engine, frames)
     return last + 1
+
+
+def _replay_guard(engine: Engine, frames: list) -> None:
+    """The guard's state after the logged steps: it saw exactly these losses and rollbacks before."""
+    guard = DivergenceGuard(rise=engine.guard.rise, span=engine.guard.span, lr_factor=engine.guard.lr_factor)
+    for f in frames:
+        if f.kind == seedlog.STEP:
+            loss = f.data.get("loss")
+            guard.observe(f.data["step"], float("nan") if loss is None else loss)
+        elif f.kind == seedlog.ROLLBACK:
+            guard.rolled_back(Rollback(at=f.data["step"], to=f.data["to"], lr_scale=f.data["lr_scale"]))
+    engine.guard = guard
+    engine.method.lr = engine.spec["optim"]["lr"] * guard.lr_scale
+
+
+def roll_back(engine: Engine, rb: Rollback, writer, events: EventLog) -> None:
+    """Return the weights to the state after step `rb.to` by replaying the seed-log, and slow down."""
+    t0 = time.monotonic()
+    writer.append(seedlog.ROLLBACK, engine.guard.frame(rb), sync=True)
+    with torch.no_grad():
+        for p in engine.params:
+            p.param.copy_(engine.base.get(p))
+    restore(engine, writer.path)  # the ROLLBACK frame is in: the steps after rb.to no longer count,
+    # and the guard is rebuilt from the log (rolled back, lr lowered), as a resume would rebuild it
+    events.emit("rollback", step=rb.at, to=rb.to, lr=engine.method.lr, best_loss=engine.guard.best,
+                seconds=time.monotonic() - t0)
 
 
 def trainable_state(engine: Engine) -> dict[str, torch.Tensor]:
@@ -256,12 +308,15 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
             fields = {"task.text_field": spec["task"]["text_field"]}
             check_fields(train_rows, fields, str(train_path))
             train = task.encode(train_rows, str(train_path))
+            task.prefix = shared_prefix(engine, task, train[: spec["batch_size"]], events)
             evalset = task.encode(eval_rows[: spec["eval_size"]], str(eval_path)) if spec["eval_size"] else []
             log_path = job_dir / "seedlog.ezl"
             (job_dir / "snapshots").mkdir(exist_ok=True)
             if log_path.exists():
                 start = restore(engine, log_path)
                 writer = seedlog.SeedLogWriter.reopen(log_path, spec["fsync_every"])
+                if engine.guard is not None and engine.guard.pending is not None:  # killed between trip and rollback
+                    roll_back(engine, engine.guard.pending, writer, events)
             else:
                 start = 0
                 writer = seedlog.SeedLogWriter.create(log_path, log_header(engine), spec["fsync_every"])
@@ -269,6 +324,35 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
     finally:
         meter.stop()
     return report
+
+
+def shared_prefix(engine: Engine, task, batch, events: EventLog):
+    """A prefix cache when the blocks below the trainable ones are frozen (edgezo/prefix.py), after
+    checking on one batch that a shared perturbed forward gives the full one's loss bit for bit."""
+    from edgezo.models import decoder_of
+    from edgezo.prefix import PrefixCache, decoder_layers, first_trainable_layer
+
+    decoder = decoder_of(engine.model)
+    cut = first_trainable_layer(decoder, engine.params)
+    if cut == 0 or not batch:
+        return None
+    seed, eps = mix(engine.spec["seed"], 0x5EED), engine.spec["optim"]["eps"]
+    with torch.no_grad(), engine.perturber.active(seed, eps):
+        full = task.objective(batch)
+    task.prefix = PrefixCache(decoder, cut)
+    objective = task.step_objective(batch)
+    with torch.no_grad(), engine.perturber.active(seed, eps):
+        shared = objective()
+    objective.done()
+    task.prefix = None
+    if shared != full:
+        import warnings
+
+        warnings.warn(f"frozen-prefix sharing gave loss {shared!r} where the full forward gives {full!r}; "
+                      "running every forward in full", stacklevel=2)
+        return None
+    events.emit("prefix", frozen_blocks=cut, blocks=len(decoder_layers(decoder)))
+    return PrefixCache(decoder, cut)
 
 
 def _evaluate(task, evalset, spec, meter, step: int, events: EventLog, tag: str) -> dict:
@@ -308,13 +392,23 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
         while step < total:
             _obey(hooks, writer, events, step)
             batch = [train[i] for i in batch_indices(len(train), bs, step, spec["seed"])]
+            objective = task.step_objective(batch)
             with meter.phase("zo_step"):
-                rec = engine.method.step(step, lambda b=batch: task.objective(b))
-            if not all(math.isfinite(g) for g in rec.grads):
+                rec = engine.method.step(step, objective)
+            objective.done()
+            finite = all(math.isfinite(g) for g in rec.grads) and math.isfinite(rec.loss)
+            if not finite and (engine.guard is None or engine.guard.best is None):
                 raise TrainingError(f"step {step}: the loss is not finite (lr {rec.lr}, eps {spec['optim']['eps']}); "
                                     "lower optim.lr or check the data")
-            writer.append(seedlog.STEP, {"step": step, "seeds": rec.seeds, "grads": rec.grads, "lr": rec.lr,
-                                         "wd": rec.weight_decay, "loss": rec.loss})
+            if finite:
+                writer.append(seedlog.STEP, {"step": step, "seeds": rec.seeds, "grads": rec.grads, "lr": rec.lr,
+                                             "wd": rec.weight_decay, "loss": rec.loss, **rec.extra})
+            else:  # logged as a step that changes nothing; the rollback below undoes what it did
+                writer.append(seedlog.STEP, {"step": step, "seeds": [], "grads": [], "lr": rec.lr,
+                                             "wd": rec.weight_decay, "loss": None})
+            rb = engine.guard.observe(step, rec.loss if finite else float("nan")) if engine.guard else None
+            if rb is not None:
+                roll_back(engine, rb, writer, events)
             done_here += 1
             rate = done_here / max(1e-9, time.monotonic() - t0)
             events.emit("step", step=step, loss=rec.loss, lr=rec.lr, steps_per_s=rate)
@@ -464,6 +558,7 @@ def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog
 def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter: MemoryMeter, steps_done: int,
                  wall: float, steps_here: int, noise: str) -> dict:
     history = [{"step": e["step"], **e["metrics"]} for e in events.history("eval")]
+    rollbacks = [{k: e[k] for k in ("step", "to", "lr", "best_loss")} for e in events.history("rollback")]
     return {
         "name": spec["name"],
         "status": "done",
@@ -477,6 +572,7 @@ def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter
         "timing": {"wall_s": wall, "steps_this_run": steps_here,
                    "steps_per_s": steps_here / wall if wall > 0 else None},
         "memory": meter.summary(),
+        "guard": {"rollbacks": len(rollbacks), "events": rollbacks},  # never a silent return to worse weights
         "output": str(job_dir / spec["output"]),
     }
 
