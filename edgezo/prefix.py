@@ -62,7 +62,7 @@ class PrefixCache:
         if layers is None or not 0 < cut:
             raise ValueError("no frozen prefix to share")
         self.frozen = list(layers[:cut])
-        self.cut = cut
+        self.cut, self.blocks = cut, len(layers)
         self.key: torch.Tensor | None = None  # the input ids the kept output belongs to
         self.kept = None
 

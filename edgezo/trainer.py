@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from edgezo import seedlog
-from edgezo.data import batch_indices, check_fields, data_path, read_rows
+from edgezo.data import bucketed_batch, check_fields, data_path, read_rows
 from edgezo.guard import DivergenceGuard, Rollback
 from edgezo.hooks import TrainerHooks
 from edgezo.memory import MemoryMeter
 from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
 from edgezo.noise import NoiseUnavailable, ZOParam, make_noise, mix
 from edgezo.perturb import Perturber, collect_params
+from edgezo.report import accuracy_gain
 from edgezo.spec import spec_hash
 from edgezo.tasks import make_task
 from edgezo.zo import METHODS, StepRecord, ZOMethod
@@ -308,7 +309,8 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
             fields = {"task.text_field": spec["task"]["text_field"]}
             check_fields(train_rows, fields, str(train_path))
             train = task.encode(train_rows, str(train_path))
-            task.prefix = shared_prefix(engine, task, train[: spec["batch_size"]], events)
+            first = [train[i] for i in bucketed_batch([len(e.ids) for e in train], spec["batch_size"], 0, spec["seed"])]
+            task.prefix = shared_prefix(engine, task, first, events)
             evalset = task.encode(eval_rows[: spec["eval_size"]], str(eval_path)) if spec["eval_size"] else []
             log_path = job_dir / "seedlog.ezl"
             (job_dir / "snapshots").mkdir(exist_ok=True)
@@ -363,7 +365,8 @@ def _evaluate(task, evalset, spec, meter, step: int, events: EventLog, tag: str)
         metrics = task.evaluate(evalset, spec["batch_size"])
     events.emit("eval", step=step, tag=tag, metrics=metrics)
     if events.verbose:
-        print("  " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n"), file=sys.stderr, flush=True)
+        print("  " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("n", "correct")),
+              file=sys.stderr, flush=True)
     return metrics
 
 
@@ -371,6 +374,7 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
            hooks: TrainerHooks, start: int, job_dir: Path, progress: bool) -> dict:
     spec = engine.spec
     total, bs = spec["steps"], spec["batch_size"]
+    lengths = [len(e.ids) for e in train]
     resumed = start > 0
     events.emit("start", steps_total=total, resumed_from=start, device=str(engine.device),
                 trainable_params=sum(p.param.numel() for p in engine.params))
@@ -390,8 +394,9 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
     step = start
     try:
         while step < total:
-            _obey(hooks, writer, events, step)
-            batch = [train[i] for i in batch_indices(len(train), bs, step, spec["seed"])]
+            if _obey(hooks, writer, events, step) == "finish":
+                break
+            batch = [train[i] for i in bucketed_batch(lengths, bs, step, spec["seed"])]
             objective = task.step_objective(batch)
             with meter.phase("zo_step"):
                 rec = engine.method.step(step, objective)
@@ -411,7 +416,7 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 roll_back(engine, rb, writer, events)
             done_here += 1
             rate = done_here / max(1e-9, time.monotonic() - t0)
-            events.emit("step", step=step, loss=rec.loss, lr=rec.lr, steps_per_s=rate)
+            events.emit("step", step=step, loss=rec.loss, lr=rec.lr, steps_per_s=rate, forwards=objective.cost())
             if bar is not None:
                 bar.set_postfix(loss=f"{rec.loss:.4f}", refresh=False)
                 bar.update(1)
@@ -424,6 +429,8 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 _snapshot(engine, writer, job_dir, step - 1, events)
             if evalset and spec["eval_every"] and step % spec["eval_every"] == 0 and step < total:
                 eval_due = True
+            if evalset and step < total and hooks.eval_wanted(step):
+                eval_due = True
             if eval_due and hooks.try_lease("eval", lease_bytes):
                 try:
                     _evaluate(task, evalset, spec, meter, step, events, "periodic")
@@ -432,7 +439,7 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 eval_due = False
         # Nothing left to overlap with: wait for the leases, never drop a due projection or the final eval.
         while proj_due and step > 0:
-            batch = [train[i] for i in batch_indices(len(train), bs, step - 1, spec["seed"])]
+            batch = [train[i] for i in bucketed_batch(lengths, bs, step - 1, spec["seed"])]
             if _maybe_project(engine, task, batch, step - 1, writer, events, meter, hooks):
                 proj_due -= 1
             else:
@@ -475,13 +482,16 @@ def export(engine: Engine, out: Path) -> None:
     engine.tokenizer.save_pretrained(out)
 
 
-def _obey(hooks: TrainerHooks, writer, events: EventLog, step: int) -> None:
+def _obey(hooks: TrainerHooks, writer, events: EventLog, step: int) -> str:
     """Pause or stop at a step boundary when the supervisor says so; the seed-log is the checkpoint."""
     action = hooks.control()
+    if action == "finish":
+        events.emit("finish", step=step)
     if action in ("pause", "stop"):
         writer.sync()
         events.emit("paused" if action == "pause" else "cancelled", step=step)
         raise Paused(step) if action == "pause" else Cancelled(step)
+    return action
 
 
 def _wait_for_lease(hooks: TrainerHooks, writer, events: EventLog, step: int) -> None:
@@ -557,7 +567,8 @@ def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog
 
 def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter: MemoryMeter, steps_done: int,
                  wall: float, steps_here: int, noise: str) -> dict:
-    history = [{"step": e["step"], **e["metrics"]} for e in events.history("eval")]
+    history = [{"step": e["step"], **{k: v for k, v in e["metrics"].items() if k != "correct"}}
+               for e in events.history("eval")]
     rollbacks = [{k: e[k] for k in ("step", "to", "lr", "best_loss")} for e in events.history("rollback")]
     return {
         "name": spec["name"],
@@ -568,7 +579,8 @@ def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter
         "model": spec["model"],
         "precision": spec["precision"],
         "noise": noise,  # the stream the seed-log pins (the spec may say auto)
-        "metrics": {"zero_shot": evals.get("zero_shot"), "final": evals.get("final"), "history": history},
+        "metrics": {"zero_shot": evals.get("zero_shot"), "final": evals.get("final"), "history": history,
+                    "gain": accuracy_gain(evals.get("zero_shot"), evals.get("final"))},
         "timing": {"wall_s": wall, "steps_this_run": steps_here,
                    "steps_per_s": steps_here / wall if wall > 0 else None},
         "memory": meter.summary(),
