@@ -55,8 +55,10 @@ class Clock(TrainerHooks):
     """Counts training time only (evaluations excluded); asks for an eval at each mark and for the
     run to finish at the last one."""
 
-    def __init__(self, marks_s: list[float]):
+    def __init__(self, marks_s: list[float], steps: list[int] | None = None):
         self.marks = sorted(marks_s)
+        self.step_marks = sorted(steps or [])  # marks in steps instead (a sweep immune to machine load)
+        self.steps = 0
         self.trained = 0.0
         self.last: float | None = None
         self.next = 0
@@ -78,17 +80,22 @@ class Clock(TrainerHooks):
                 self.trained += now - self.last
             self.last = now
             self.forwards += data.get("forwards", 2.0)
+            self.steps += 1
 
     def _elapsed(self) -> float:
         return self.trained + (time.monotonic() - self.last if self.last is not None else 0.0)
 
     def eval_wanted(self, step):
+        if self.step_marks:
+            return self.steps in self.step_marks[:-1]
         if self.next < len(self.marks) - 1 and self._elapsed() >= self.marks[self.next]:
             self.next += 1
             return True
         return False
 
     def control(self):
+        if self.step_marks:
+            return "finish" if self.steps >= self.step_marks[-1] else "run"
         return "finish" if self._elapsed() >= self.marks[-1] else "run"
 
 
@@ -98,7 +105,7 @@ def run_recipe(name: str, sets: list[str], args, out: Path, marks_s: list[float]
                                     f"max_length={args.max_length}", f"seed={args.seed}", f"device={args.device}",
                                     f"task.train={train}", f"task.eval={dev}"])
     job = prepare_job_dir(out / name, spec)
-    clock = Clock(marks_s)
+    clock = Clock(marks_s, [int(x) for x in args.steps.split(",")] if args.steps else None)
     print(f"--- {name}: {' '.join(sets)} ({job})", file=sys.stderr, flush=True)
     report = run_job(job, clock, progress=True)
     hist = report["metrics"]["history"]  # zero-shot, one per mark, the final one
@@ -155,6 +162,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sweep", default=None, help="a recipe whose lr to choose on the train split")
     ap.add_argument("--lrs", default="3e-3,1e-2,3e-2")
+    ap.add_argument("--steps", default=None, help="marks in steps instead of minutes (e.g. 60,120)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -168,7 +176,7 @@ def main() -> None:
         results = [run_recipe(f"{args.sweep}-lr{lr}", [*base, f"optim.lr={lr}"], args, out, marks_s, train, held)
                    for lr in args.lrs.split(",")]
         print(f"\nsweep of {args.sweep} on the train split ({args.eval_size} held-out train sentences; dev unused), "
-              f"{args.minutes} min of training each")
+              f"{args.steps + ' steps' if args.steps else args.minutes + ' min'} of training each")
         for r in results:
             print(f"  {r['name']:<24} " + "  ".join(f"{a * 100:5.1f} %" for _, _, a in r["points"])
                   + f"   rollbacks {r['rollbacks']}")

@@ -159,3 +159,31 @@ def test_guard_resume_across_a_rollback_equals_an_uninterrupted_run(tmp_path, ti
     run_job(job)
     assert same_tensors(job_weights(ref), job_weights(job))
     assert [e["step"] for e in _events(job, "rollback")] == [e["step"] for e in _events(ref, "rollback")]
+
+
+# -- what the report says -------------------------------------------------------------------------
+
+
+def test_gain_is_paired_over_the_same_sentences_and_shown():
+    from edgezo.report import accuracy_gain, render
+
+    before = {"accuracy": 0.5, "n": 8, "correct": "11110000"}
+    after = {"accuracy": 0.75, "n": 8, "correct": "11111100"}
+    g = accuracy_gain(before, after)
+    assert g["points"] == pytest.approx(25.0) and g["better"] == 2 and g["worse"] == 0
+    lo, hi = g["interval95"]
+    assert lo < 25.0 < hi and hi - lo < 2 * 1.96 * 100 * (0.5 / 8) ** 0.5  # tighter than two unpaired intervals
+    assert accuracy_gain(before, {"accuracy": 0.5, "n": 4, "correct": "1111"}) is None  # not the same sentences
+    text = render({"metrics": {"zero_shot": before, "final": after, "gain": g},
+                   "guard": {"events": [{"step": 30, "to": 12, "lr": 0.005, "best_loss": 0.4}]}})
+    assert "gain       +25.0 points" in text and "back to step 12" in text
+
+
+def test_a_real_run_reports_its_gain(tmp_path, tiny_spec_dict):
+    job = _job(tmp_path, tiny_spec_dict, method="fzoo", trainable="top1", steps=4,
+               optim={"lr": 0.05, "eps": 1e-3, "perturbations": 4})
+    report = run_job(job)
+    g = report["metrics"]["gain"]
+    zs, final = report["metrics"]["zero_shot"], report["metrics"]["final"]
+    assert g["n"] == 16 and g["points"] == pytest.approx(100 * (final["accuracy"] - zs["accuracy"]))
+    assert "correct" not in report["metrics"]["history"][0]
