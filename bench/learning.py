@@ -41,6 +41,8 @@ DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "edgezo" / "default_spec
 RECIPES: dict[str, list[str]] = {
     "mezo-full": ["method=mezo", "trainable=full", "optim.lr=1e-5", "optim.eps=1e-3", "optim.perturbations=1"],
     "fzoo-top1": ["method=fzoo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=16"],
+    "fzoo-top1-linear": ["method=fzoo", "trainable=top1", "optim.lr=3e-2", "optim.eps=1e-3", "optim.perturbations=16",
+                         "optim.schedule=linear", "steps=200"],  # lr decays to 0 at step 200
     "fzoo-top2": ["method=fzoo", "trainable=top2", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=16"],
     "fo-lora": ["method=fo", "trainable=lora", "optim.lr=1e-3"],
 }
@@ -100,10 +102,11 @@ class Clock(TrainerHooks):
 
 
 def run_recipe(name: str, sets: list[str], args, out: Path, marks_s: list[float], train: str, dev: str) -> dict:
-    spec = load_spec(DEFAULT_SPEC, [*sets, f"name={name}", "steps=100000", "eval_every=0", "snapshot_every=0",
+    last = [f"steps={args.steps.split(',')[-1]}"] if args.steps else []
+    spec = load_spec(DEFAULT_SPEC, [f"name={name}", "steps=100000", "eval_every=0", "snapshot_every=0",
                                     f"eval_size={args.eval_size}", f"batch_size={args.batch}",
                                     f"max_length={args.max_length}", f"seed={args.seed}", f"device={args.device}",
-                                    f"task.train={train}", f"task.eval={dev}"])
+                                    f"task.train={train}", f"task.eval={dev}", *sets, *last])
     job = prepare_job_dir(out / name, spec)
     clock = Clock(marks_s, [int(x) for x in args.steps.split(",")] if args.steps else None)
     print(f"--- {name}: {' '.join(sets)} ({job})", file=sys.stderr, flush=True)
