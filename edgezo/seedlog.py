@@ -150,3 +150,12 @@ def _fsync_dir(d: Path) -> None:
 
 def body(frames: list[Frame], kind: int) -> Iterator[dict]:
     return (f.data for f in frames if f.kind == kind)
+
+
+def cut(path: Path, offset: int) -> None:
+    """Drop everything from `offset` on (a frame boundary) and fsync: for records that cannot be
+    redone and will be written again (method: fo's steps after its newest snapshot)."""
+    with open(path, "r+b") as f:
+        if os.fstat(f.fileno()).st_size > offset:
+            f.truncate(offset)
+            os.fsync(f.fileno())
