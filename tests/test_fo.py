@@ -231,3 +231,21 @@ def test_replay_refuses_with_a_clear_error(tmp_path, tiny_spec_dict, capsys):
 
         engine.method.apply(StepRecord(step=0, seeds=[], grads=[], lr=0.1, weight_decay=0.0))
 
+
+# --- the daemon (torch-free) -----------------------------------------------------------------------
+
+def test_the_daemon_calls_an_fo_jobs_steps_fo_step():
+    from daemon.core import _phase_after_heavy, _step_phase
+    from daemon.store import Job
+    from policies.memory import SMOLLM2_135M, estimate
+
+    fo = Job(id="f", seq=1, name="f", spec={"method": "fo", "steps": 10}, job_dir="/nonexistent", created=0.0)
+    zo = Job(id="z", seq=2, name="z", spec={"method": "mezo", "steps": 10}, job_dir="/nonexistent", created=0.0)
+    assert _step_phase(fo) == "fo_step" and _step_phase(zo) == "zo_step"
+    fo.steps_total, fo.step = 10, 4
+    assert _phase_after_heavy(fo) == "fo_step"
+    fo.step = 10
+    assert _phase_after_heavy(fo) == "export"
+    full = estimate(SMOLLM2_135M, method="fo", trainable="full")
+    lora = estimate(SMOLLM2_135M, method="fo", trainable="lora")
+    assert full.heavy["fo_step"] > lora.heavy["fo_step"] > 0 and "fo_step" not in estimate(SMOLLM2_135M).heavy
