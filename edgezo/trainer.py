@@ -359,8 +359,9 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 rec = engine.method.step(step, (lambda b=batch: task.loss(b)) if tensor_loss
                                          else (lambda b=batch: task.objective(b)))
             if not all(math.isfinite(g) for g in (rec.grads if rec.seeds else [rec.loss])):
-                raise TrainingError(f"step {step}: the loss is not finite (lr {rec.lr}, eps {spec['optim']['eps']}); "
-                                    "lower optim.lr or check the data")
+                raise TrainingError(f"step {step}: the loss is not finite (lr {rec.lr}"
+                                    + ("" if fo else f", eps {spec['optim']['eps']}")
+                                    + "); lower optim.lr or check the data")
             if fo:  # a journal entry, not a redo: FO steps resume from snapshots (see _restore_fo)
                 writer.append(seedlog.STEP, {"step": step, "method": "fo", "replayable": False, "lr": rec.lr,
                                              "wd": rec.weight_decay, "loss": rec.loss})
