@@ -85,9 +85,15 @@ def _pid_is_worker(pid: int, job_id: str) -> bool:
     return b"edgezo.worker" in cmd and job_id.encode() in cmd
 
 
+def _step_phase(job: Job) -> str:
+    """What a job's training steps are called: `fo_step` for the first-order baseline (method: fo, which
+    holds an `fo_step` lease for its whole run), `zo_step` for every ZO method."""
+    return "fo_step" if (job.spec or {}).get("method") == "fo" else "zo_step"
+
+
 def _phase_after_heavy(job: Job) -> str:
-    """Back to ZO steps, or, with every step done, on to the end (status showed `zo_step` at 60/60)."""
-    return "export" if job.steps_total and job.step >= job.steps_total else "zo_step"
+    """Back to training steps, or, with every step done, on to the end (status showed `zo_step` at 60/60)."""
+    return "export" if job.steps_total and job.step >= job.steps_total else _step_phase(job)
 
 
 class Daemon:
@@ -376,13 +382,13 @@ class Daemon:
         if kind == "start":
             job.steps_total = int(data.get("steps_total", job.steps_total))
             job.step = int(data.get("resumed_from", job.step) or 0)
-            self._enter_phase(job, "zo_step", now)
+            self._enter_phase(job, _step_phase(job), now)
         elif kind == "step":
             job.step = int(data.get("step", job.step)) + 1
             job.loss = data.get("loss")
             job.steps_per_s = data.get("steps_per_s")
             if job.phase in ("", "load", "starting"):
-                self._enter_phase(job, "zo_step", now)
+                self._enter_phase(job, _step_phase(job), now)
         elif kind == "phase":
             p, state = data.get("phase", ""), data.get("state", "begin")
             self._enter_phase(job, p if state == "begin" else _phase_after_heavy(job), now)

@@ -165,3 +165,12 @@ def effective(frames: list[Frame]) -> list[Frame]:
         elif f.kind in (STEP, PROJECTION, SNAPSHOT):
             out.append(f)
     return out
+
+
+def cut(path: Path, offset: int) -> None:
+    """Drop everything from `offset` on (a frame boundary) and fsync: for records that cannot be
+    redone and will be written again (method: fo's steps after its newest snapshot)."""
+    with open(path, "r+b") as f:
+        if os.fstat(f.fileno()).st_size > offset:
+            f.truncate(offset)
+            os.fsync(f.fileno())

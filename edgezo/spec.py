@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-METHODS = ("mezo", "dizo", "fzoo")
+METHODS = ("mezo", "dizo", "fzoo", "fo")  # fo: the first-order baseline (AdamW, backprop)
 TASK_TYPES = ("classification", "generation")
 SCHEDULES = ("constant", "linear")
 DEVICES = ("auto", "cpu", "cuda")
@@ -213,6 +213,23 @@ def _validate_lora(spec: dict) -> None:
     spec["lora"]["targets"] = _patterns(spec["lora"]["targets"], "lora.targets")
 
 
+def _validate_fo(spec: dict, given: dict) -> None:
+    """method: fo is AdamW through a backward: the trainable set and the objective must have gradients."""
+    if (given.get("guard") or {}).get("rise"):
+        raise SpecError("guard.rise", "the divergence guard rolls back by replaying logged ZO steps, and fo's "
+                        "backprop steps cannot be replayed; leave guard out (it is off for fo)")
+    spec["guard"]["rise"] = 0.0
+    if spec["trainable"] == "scales":
+        raise SpecError("trainable", "method: fo differentiates the trainable set, and bitsandbytes' int8 matmul "
+                        "has no gradient for its row scales; use trainable: lora with precision: int8")
+    if spec["precision"] == "fp16" and spec["trainable"] != "lora":
+        raise SpecError("precision", "method: fo keeps AdamW moments in the weights' dtype, and in fp16 its eps "
+                        "(1e-8) underflows to 0; use fp32 or bf16, or trainable: lora (fp32 adapters)")
+    if spec["task"]["objective"] != "loss":
+        raise SpecError("task.objective", "method: fo descends the differentiable loss; "
+                        f"{spec['task']['objective']} has no gradient (use objective: loss)")
+
+
 def validate(given: dict) -> dict:
     """Return the full spec (defaults filled in) or raise SpecError naming the first bad field."""
     if not isinstance(given, dict):
@@ -308,6 +325,8 @@ def validate(given: dict) -> dict:
         if not isinstance(t["answer_field"], str) or not t["answer_field"]:
             raise SpecError("task.answer_field", "expected the name of the answer column")
     _choice(spec, "task.objective", ("loss", "f1", "accuracy"))
+    if spec["method"] == "fo":
+        _validate_fo(spec, given)
 
     _num(spec, "steps", kind=int, lo=0)
     _num(spec, "batch_size", kind=int, lo=1)

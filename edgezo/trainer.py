@@ -99,7 +99,12 @@ def build_engine(spec: dict) -> Engine:
     o = spec["optim"]
     common = dict(lr=o["lr"], eps=o["eps"], weight_decay=o["weight_decay"], perturbations=o["perturbations"],
                   schedule=o["schedule"], total_steps=spec["steps"], seed=spec["seed"])
-    if spec["method"] == "dizo":
+    if spec["method"] == "fo":  # the first-order baseline: AdamW through a backward, same loop
+        from edgezo.fo import FirstOrder
+
+        method: ZOMethod = FirstOrder(params, perturber, model, lr=o["lr"], weight_decay=o["weight_decay"],
+                                      schedule=o["schedule"], total_steps=spec["steps"])
+    elif spec["method"] == "dizo":
         from edgezo.dizo import DiZO
 
         try:
@@ -140,6 +145,8 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
         if header.get(key) != mine[key]:
             raise TrainingError(f"seed-log {log_path} was written for a different {key.replace('_', ' ')} "
                                 f"({header.get(key)} != {mine[key]}); refusing to resume onto it")
+    if header.get("method") == "fo":
+        return _restore_fo(engine, log_path, use_snapshots=use_snapshots)
     logged = header.get("noise", "torch")  # logs from before there was a choice used the torch stream
     if logged != mine["noise"]:  # the log's stream wins: the same seeds must give the same directions
         try:
@@ -210,15 +217,45 @@ def roll_back(engine: Engine, rb: Rollback, writer, events: EventLog) -> None:
                 seconds=time.monotonic() - t0)
 
 
+def not_replayable_message(job_dir: Path) -> str:
+    return (f"{job_dir} was trained with method: fo, and first-order steps are not replayable from the seed-log "
+            "(an update needs its gradient, not a few scalars); its trained weights are in the job's output "
+            "directory, and its newest snapshot (weights + AdamW state) is under snapshots/ (the seed-log's last "
+            "SNAPSHOT record names it); `edgezo resume` continues from there")
+
+
+def _restore_fo(engine: Engine, log_path: Path, *, use_snapshots: bool) -> int:
+    """FO steps cannot be redone from the log: load the newest snapshot whose weights and AdamW state
+    both survived, cut the steps logged after it from the log (they are run again), return its step + 1."""
+    if not use_snapshots:
+        raise TrainingError(not_replayable_message(log_path.parent))
+    frames, good, _ = seedlog.scan(log_path)  # frames[0] is the header
+    keep, last = (frames[1].offset if len(frames) > 1 else good), -1
+    for i in range(len(frames) - 1, 0, -1):
+        snap = frames[i].data
+        if frames[i].kind != seedlog.SNAPSHOT or "optim" not in snap:
+            continue
+        weights, optim = log_path.parent / snap["file"], log_path.parent / snap["optim"]
+        if weights.is_file() and optim.is_file():
+            from safetensors.torch import load_file
+
+            load_trainable(engine, weights)
+            engine.method.load_state_tensors(load_file(str(optim)))
+            keep, last = (frames[i + 1].offset if i + 1 < len(frames) else good), snap["step"]
+            break
+    seedlog.cut(log_path, keep)
+    return last + 1
+
+
 def trainable_state(engine: Engine) -> dict[str, torch.Tensor]:
     return {p.name: p.param.detach().cpu().contiguous() for p in engine.params}
 
 
-def save_trainable(engine: Engine, path: Path) -> None:
+def save_trainable(engine: Engine, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_suffix(".tmp")
-    save_file(trainable_state(engine), str(tmp))
+    save_file(trainable_state(engine) if state is None else state, str(tmp))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -310,7 +347,8 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
             check_fields(train_rows, fields, str(train_path))
             train = task.encode(train_rows, str(train_path))
             first = [train[i] for i in bucketed_batch([len(e.ids) for e in train], spec["batch_size"], 0, spec["seed"])]
-            task.prefix = shared_prefix(engine, task, first, events)
+            if getattr(engine.method, "replayable", True):  # fo runs one forward a step: nothing to share
+                task.prefix = shared_prefix(engine, task, first, events)
             evalset = task.encode(eval_rows[: spec["eval_size"]], str(eval_path)) if spec["eval_size"] else []
             log_path = job_dir / "seedlog.ezl"
             (job_dir / "snapshots").mkdir(exist_ok=True)
@@ -390,22 +428,36 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
     eval_due = False
     proj_due = engine.pending_projections
     lease_bytes = eval_lease_bytes(engine, bs, spec["max_length"])
+    # method: fo holds one lease, for its whole run (every step is heavy; it covers the evals too).
+    fo = not getattr(engine.method, "replayable", True)
+    step_phase = "fo_step" if fo else "zo_step"
+    tensor_loss = getattr(engine.method, "tensor_loss", False)  # FO descends task.loss, ZO compares objectives
     t0, done_here = time.monotonic(), 0
     step = start
+    fo_leased = False
     try:
+        if fo and step < total:
+            fo_bytes = fo_lease_bytes(engine, bs, spec["max_length"])
+            while not hooks.try_lease("fo_step", fo_bytes):
+                _wait_for_lease(hooks, writer, events, step)
+            fo_leased = True
         while step < total:
             if _obey(hooks, writer, events, step) == "finish":
                 break
             batch = [train[i] for i in bucketed_batch(lengths, bs, step, spec["seed"])]
             objective = task.step_objective(batch)
-            with meter.phase("zo_step"):
-                rec = engine.method.step(step, objective)
+            with meter.phase(step_phase):
+                rec = engine.method.step(step, objective.loss if tensor_loss else objective)
             objective.done()
             finite = all(math.isfinite(g) for g in rec.grads) and math.isfinite(rec.loss)
             if not finite and (engine.guard is None or engine.guard.best is None):
-                raise TrainingError(f"step {step}: the loss is not finite (lr {rec.lr}, eps {spec['optim']['eps']}); "
-                                    "lower optim.lr or check the data")
-            if finite:
+                raise TrainingError(f"step {step}: the loss is not finite (lr {rec.lr}"
+                                    + ("" if fo else f", eps {spec['optim']['eps']}")
+                                    + "); lower optim.lr or check the data")
+            if fo:  # a journal entry, not a redo: FO steps resume from snapshots (see _restore_fo)
+                writer.append(seedlog.STEP, {"step": step, "method": "fo", "replayable": False, "lr": rec.lr,
+                                             "wd": rec.weight_decay, "loss": rec.loss})
+            elif finite:
                 writer.append(seedlog.STEP, {"step": step, "seeds": rec.seeds, "grads": rec.grads, "lr": rec.lr,
                                              "wd": rec.weight_decay, "loss": rec.loss, **rec.extra})
             else:  # logged as a step that changes nothing; the rollback below undoes what it did
@@ -431,11 +483,12 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 eval_due = True
             if evalset and step < total and hooks.eval_wanted(step):
                 eval_due = True
-            if eval_due and hooks.try_lease("eval", lease_bytes):
+            if eval_due and (fo or hooks.try_lease("eval", lease_bytes)):
                 try:
                     _evaluate(task, evalset, spec, meter, step, events, "periodic")
                 finally:
-                    hooks.release_lease("eval")
+                    if not fo:
+                        hooks.release_lease("eval")
                 eval_due = False
         # Nothing left to overlap with: wait for the leases, never drop a due projection or the final eval.
         while proj_due and step > 0:
@@ -444,18 +497,27 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 proj_due -= 1
             else:
                 _wait_for_lease(hooks, writer, events, step)
-        while evalset and not hooks.try_lease("eval", lease_bytes):
+        while evalset and not fo and not hooks.try_lease("eval", lease_bytes):
             _wait_for_lease(hooks, writer, events, step)
+    except BaseException:
+        if fo_leased:
+            hooks.release_lease("fo_step")
+        raise
     finally:
         if bar is not None:
             bar.close()
         writer.sync()
 
-    if evalset:
-        try:
-            evals["final"] = _evaluate(task, evalset, spec, meter, total, events, "final")
-        finally:
-            hooks.release_lease("eval")
+    try:
+        if evalset:
+            try:
+                evals["final"] = _evaluate(task, evalset, spec, meter, total, events, "final")
+            finally:
+                if not fo:
+                    hooks.release_lease("eval")
+    finally:
+        if fo_leased:
+            hooks.release_lease("fo_step")
     with _phase(meter, events, "export"):
         export(engine, job_dir / spec["output"])
     writer.close()
@@ -556,12 +618,37 @@ def projection_lease_bytes(engine: Engine, batch: int, seq: int, meter: MemoryMe
     return estimate
 
 
+def fo_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
+    """What a method: fo run holds over the loaded model, for its whole run: the activations a
+    checkpointed backward keeps (every layer's input, one layer recomputed with what it saves, one
+    layer's working set), or an eval forward if larger, plus gradients and AdamW's two moments for
+    the trainable set (each the size of the trainable tensors)."""
+    cfg = engine.model.config
+    hidden = getattr(cfg, "hidden_size", 768)
+    layers = getattr(cfg, "num_hidden_layers", 12)
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    elem = 2 if engine.spec["precision"] in ("fp16", "bf16") else 4
+    tokens = batch * seq
+    probs = _attn_probs_bytes(cfg, batch, seq)
+    recomputed = tokens * (6 * hidden + 3 * inter) * elem + probs
+    working = tokens * (4 * hidden + 3 * inter) * elem + probs
+    acts = layers * tokens * hidden * elem + recomputed + working
+    trainable = sum(p.param.numel() * p.param.element_size() for p in engine.params)
+    return int(max(acts, eval_lease_bytes(engine, batch, seq)) + 3 * trainable)
+
+
 def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog) -> None:
     name = f"snapshots/step-{step:08d}.safetensors"
+    record = {"step": step, "file": name}
+    state_tensors = getattr(engine.method, "state_tensors", None)
+    if state_tensors is not None:  # method: fo: the AdamW moments, without which resume would diverge
+        record["optim"] = f"snapshots/optim-{step:08d}.safetensors"
+        save_trainable(engine, job_dir / record["optim"], state_tensors())
     save_trainable(engine, job_dir / name)
-    writer.append(seedlog.SNAPSHOT, {"step": step, "file": name}, sync=True)
-    for old in sorted((job_dir / "snapshots").glob("step-*.safetensors"))[:-2]:
-        old.unlink()  # two are enough: the newest, and one in case it is being written
+    writer.append(seedlog.SNAPSHOT, record, sync=True)
+    for pattern in ("step-*.safetensors", "optim-*.safetensors"):
+        for old in sorted((job_dir / "snapshots").glob(pattern))[:-2]:
+            old.unlink()  # two are enough: the newest, and one in case it is being written
     events.emit("snapshot", step=step)
 
 
