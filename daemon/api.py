@@ -57,6 +57,8 @@ def build_router(d: Daemon) -> Router:
             "socket": str(d.cfg.socket_path),
             "state_dir": str(d.state_dir),
             "stopping": d.stopping,
+            "loop_errors": d.loop_errors,  # loop iterations that failed and were retried
+            "last_loop_error": d.last_loop_error,  # empty once an iteration succeeds again
         })
 
     async def modules(req: Request) -> Response:
@@ -170,7 +172,10 @@ def build_router(d: Daemon) -> Router:
         kind = str(body.get("kind", ""))
         if not kind:
             raise HTTPError(400, 'expected {"kind": ..., "data": {...}}')
-        return Response(body=d.worker_event(job, kind, body.get("data") or {}))
+        try:
+            return Response(body=d.worker_event(job, kind, body.get("data") or {}))
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
 
     async def heartbeat(req: Request) -> Response:
         return Response(body=d.heartbeat(job_of(req)))

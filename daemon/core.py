@@ -19,6 +19,7 @@ import grp
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -85,6 +86,36 @@ def _pid_is_worker(pid: int, job_id: str) -> bool:
     return b"edgezo.worker" in cmd and job_id.encode() in cmd
 
 
+_PHASE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_EVENT_FIELDS: dict[str, tuple[type, ...]] = {  # what the daemon reads from a worker's event, and its types
+    "steps_total": (int,), "resumed_from": (int, type(None)), "step": (int,),
+    "loss": (int, float, type(None)), "steps_per_s": (int, float, type(None)), "phase": (str,), "state": (str,),
+}
+
+
+def checked_event(kind: str, data: Any) -> dict:
+    """A worker event's fields, checked before anything is stored: one malformed field (a list where a
+    phase name belongs) once made the next database insert raise and ended the daemon."""
+    if not isinstance(kind, str) or not _PHASE_NAME.fullmatch(kind):
+        raise ValueError(f"event kind must be a short lower-case name, got {str(kind)[:40]!r}")
+    if not isinstance(data, dict):
+        raise ValueError(f"event data must be an object, got {type(data).__name__}")
+    for name, types in _EVENT_FIELDS.items():
+        value = data.get(name)
+        if name in data and (not isinstance(value, types) or isinstance(value, bool)):
+            raise ValueError(f"event field {name!r} must be {' or '.join(t.__name__ for t in types)}, "
+                             f"got {type(value).__name__}")
+    if "phase" in data and not _PHASE_NAME.fullmatch(data["phase"]):
+        raise ValueError(f"event field 'phase' must be a short lower-case name, got {data['phase'][:40]!r}")
+    if data.get("state", "begin") not in ("begin", "end"):
+        raise ValueError("event field 'state' must be 'begin' or 'end'")
+    try:
+        json.dumps(data, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"event data cannot be stored: {e}") from None
+    return data
+
+
 def _step_phase(job: Job) -> str:
     """What a job's training steps are called: `fo_step` for the first-order baseline (method: fo, which
     holds an `fo_step` lease for its whole run), `zo_step` for every ZO method."""
@@ -123,6 +154,9 @@ class Daemon:
         self._last_status = ""
         self.group_gid = self._group_gid()
         self.ticks = 0
+        self.loop_errors = 0  # loop iterations that raised and were retried (see _loop_failed)
+        self.last_loop_error = ""
+        self._loop_error_logged = 0.0
         self._sampled: dict[str, set[str]] = {}  # job -> the phases its memory samples cover
         self._acc: dict[str, list] = {}  # job -> [peak, area, duration, (last ts, last bytes)]
 
@@ -195,10 +229,14 @@ class Daemon:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.sample_s)
             self._wake.clear()
             now = time.time()
-            if now - last_sample >= self.cfg.sample_s * 0.9:
-                self.sample(now)
-                last_sample = now
-            self.tick(now)
+            try:  # one bad sample or tick (a full disk, no file descriptors left) must not end the daemon
+                if now - last_sample >= self.cfg.sample_s * 0.9:
+                    last_sample = now
+                    self.sample(now)
+                self.tick(now)
+                self.last_loop_error = ""
+            except Exception as e:
+                self._loop_failed(e, now)
             if watchdog and now - last_dog >= watchdog:
                 sdnotify.notify("WATCHDOG=1")
                 last_dog = now
@@ -210,6 +248,15 @@ class Daemon:
             self.store.close()
         self._stopped.set()
         return 0
+
+    def _loop_failed(self, error: Exception, now: float) -> None:
+        """Log a failed loop iteration (with its traceback once a minute, a count in between) and go on:
+        the next iteration retries, and `edgezo status` shows the last error until one succeeds."""
+        self.loop_errors += 1
+        self.last_loop_error = f"{type(error).__name__}: {error}"
+        if now - self._loop_error_logged >= 60:
+            log.exception("daemon loop iteration failed (%d so far); retrying", self.loop_errors)
+            self._loop_error_logged = now
 
     def request_stop(self) -> None:
         if not self.stopping:
@@ -377,6 +424,8 @@ class Daemon:
 
     # ------------------------------------------------------------------ worker-facing
     def worker_event(self, job: Job, kind: str, data: dict) -> dict:
+        """Apply a worker's event; ValueError (nothing changed) when a field is malformed."""
+        data = checked_event(kind, data)
         now = time.time()
         job.heartbeat = now
         if kind == "start":

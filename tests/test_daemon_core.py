@@ -346,3 +346,54 @@ def test_a_phase_shorter_than_the_sampling_interval_still_shows_in_the_memory_re
     phases = [p for _, _, p in core.store.samples("a")]
     assert phases == ["zo_step", "eval"]
     assert memory_summary(core.store.samples("a"))["phases"]["zo_step"]["peak_bytes"] > 0
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"phase": ["zo_step"], "state": "begin"}, "'phase'"),
+    ({"phase": "x" * 100, "state": "begin"}, "'phase'"),
+    ({"phase": "eval", "state": ["end"]}, "'state'"),
+    ({"step": "7"}, "'step'"),
+    ({"step": True}, "'step'"),
+    ({"loss": {"a": 1}}, "'loss'"),
+])
+def test_a_malformed_worker_event_is_refused_and_changes_nothing(core, data, field):
+    """A list where a phase name belongs was stored unchecked, and the next sample's insert ended the daemon."""
+    job = _running(core, "a", 1.0, pid=os.getpid())
+    core.worker_event(job, "start", {"steps_total": 4, "resumed_from": 0})
+    kind = "phase" if "phase" in data or "state" in data else "step"
+    with pytest.raises(ValueError, match=field):
+        core.worker_event(job, kind, data)
+    assert job.phase == "zo_step" and job.step == 0
+    core.sample(time.time())  # the store still takes this job's samples
+    assert core.store.samples("a")[-1][2] == "zo_step"
+
+
+def test_the_loop_logs_a_failing_iteration_and_keeps_serving(core, monkeypatch):
+    """EMFILE reading /proc/meminfo, or a full disk under the store, once ended the daemon's process."""
+    core.cfg.sample_s = 0.05
+    real, calls = core.sample, []
+
+    def sample(now):
+        calls.append(now)
+        if len(calls) <= 3:
+            raise OSError(24, "Too many open files")
+        real(now)
+
+    monkeypatch.setattr(core, "sample", sample)
+
+    class _NoServer:
+        async def serve(self, sock):
+            pass
+
+        async def close(self):
+            pass
+
+    async def run_for_a_while():
+        task = asyncio.create_task(core.run([], _NoServer()))
+        while len(calls) < 6:
+            await asyncio.sleep(0.02)
+        assert core.loop_errors == 3 and core.last_loop_error == ""  # cleared by the first good iteration
+        core.request_stop()
+        return await task
+
+    assert asyncio.run(asyncio.wait_for(run_for_a_while(), 20)) == 0

@@ -43,7 +43,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     assert r.returncode == 0 and not ours, r.stdout + r.stderr
     service = (UNITS / "edgezo.service").read_text()
     for key in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "KillMode=mixed", "StateDirectory=edgezo",
-                "RuntimeDirectory=edgezo", "User=edgezo", "DeviceAllow=char-nvidiactl"):
+                "RuntimeDirectory=edgezo", "User=edgezo", "DeviceAllow=char-nvidiactl", "LimitNOFILE=65536"):
         assert key in service
     assert "SocketMode=0660" in (UNITS / "edgezo.socket").read_text()
 
