@@ -41,8 +41,6 @@ DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "edgezo" / "default_spec
 RECIPES: dict[str, list[str]] = {
     "mezo-full": ["method=mezo", "trainable=full", "optim.lr=1e-5", "optim.eps=1e-3", "optim.perturbations=1"],
     "fzoo-top1": ["method=fzoo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=16"],
-    "fzoo-top1-linear": ["method=fzoo", "trainable=top1", "optim.lr=3e-2", "optim.eps=1e-3", "optim.perturbations=16",
-                         "optim.schedule=linear", "steps=200"],  # lr decays to 0 at step 200
     "fzoo-top2": ["method=fzoo", "trainable=top2", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=16"],
     "fo-lora": ["method=fo", "trainable=lora", "optim.lr=1e-3"],
 }
