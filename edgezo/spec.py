@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -93,13 +94,15 @@ def parse_size(value: Any, field: str = "budget") -> int:
     if isinstance(value, bool):
         raise SpecError(field, f"expected a size like 6GiB, got {value!r}")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise SpecError(field, "must be positive")
+        if not math.isfinite(value) or value <= 0:
+            raise SpecError(field, f"must be a positive size, got {value!r}")
         return int(value)
     m = _SIZE.match(str(value))
     if not m:
         raise SpecError(field, f"expected a size like 6GiB or 512MiB, got {value!r}")
     number, unit = float(m.group(1)), (m.group(2) or "").upper()
+    if not math.isfinite(number):
+        raise SpecError(field, f"must be a positive size, got {value!r}")
     base = 1024 if "I" in unit else 1000
     prefix = unit[:1] if unit[:1] in "KMGT" else ""
     scale = base ** "_KMGT".index(prefix) if prefix else 1
@@ -173,6 +176,8 @@ def _num(spec: dict, path: str, *, kind: type = float, lo: float | None = None, 
                 raise SpecError(path, f"expected a number, got {v!r}") from None
         else:
             raise SpecError(path, f"expected {'an integer' if kind is int else 'a number'}, got {v!r}")
+    if not math.isfinite(v):  # NaN compares false, so it slipped through every range check
+        raise SpecError(path, f"expected a finite number, got {v!r}")
     if kind is int:
         if float(v) != int(v):
             raise SpecError(path, f"expected an integer, got {v!r}")

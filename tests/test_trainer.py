@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from edgezo.cli import main as cli_main
-from edgezo.spec import load_spec
+from edgezo.spec import SpecError, load_spec
 from edgezo.trainer import prepare_job_dir, run_job
 from tests.tiny import job_weights, same_tensors
 
@@ -115,6 +115,24 @@ def test_spec_errors_name_the_field(tmp_path, tiny_spec_dict, capsys):
     assert cli_main(["run", str(spec_file), "--job-dir", str(tmp_path / "j")]) == 2
     assert "optim.lr" in capsys.readouterr().err
     assert not (tmp_path / "j").exists()
+
+
+@pytest.mark.parametrize("given, field", [
+    ({"optim": {"lr": float("nan")}}, "optim.lr"),
+    ({"optim": {"lr": "nan"}}, "optim.lr"),
+    ({"optim": {"eps": float("inf")}}, "optim.eps"),
+    ({"steps": float("nan")}, "steps"),
+    ({"batch_size": float("inf")}, "batch_size"),
+    ({"guard": {"rise": float("nan")}}, "guard.rise"),
+    ({"budget": float("nan")}, "budget"),
+    ({"budget": float("inf")}, "budget"),
+    ({"budget": "9" * 400 + "MiB"}, "budget"),
+])
+def test_non_finite_numbers_are_refused_naming_the_field(tiny_spec_dict, given, field):
+    """NaN compares false against every bound, so it passed the range checks (issue 12, item 7)."""
+    with pytest.raises(SpecError) as e:
+        load_spec({**tiny_spec_dict, **given})
+    assert e.value.field == field and ("finite" in str(e.value) or "positive size" in str(e.value))
 
 
 def test_bad_data_says_why(tmp_path, tiny_spec_dict):
