@@ -21,6 +21,7 @@ TASK_TYPES = ("classification", "generation")
 SCHEDULES = ("constant", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 NOISE = ("auto", "torch", "philox")
+DIRECTIONS = ("dense", "lowrank")  # edgezo/lowrank.py (kept here too: this module stays torch-free)
 TRAINABLE_SETS = ("full", "lora", "scales")  # or a list of name patterns
 
 DEFAULTS: dict[str, Any] = {
@@ -30,7 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "trainable": "full",
     "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
     "method": "mezo",
-    "optim": {"lr": 1.0e-5, "eps": 1.0e-3, "weight_decay": 0.0, "perturbations": 1, "schedule": "constant"},
+    "optim": {"lr": 1.0e-5, "eps": 1.0e-3, "weight_decay": 0.0, "perturbations": 1, "schedule": "constant",
+              "directions": "dense",  # dense | lowrank: z = U·Vᵀ/√r per Linear weight (edgezo/lowrank.py)
+              "rank": 1},  # r of lowrank directions
     "dizo": {
         "interval": 50,
         "projection": "zo",
@@ -252,6 +255,8 @@ def validate(given: dict) -> dict:
     _num(spec, "optim.weight_decay", lo=0.0)
     _num(spec, "optim.perturbations", kind=int, lo=1)
     _choice(spec, "optim.schedule", SCHEDULES)
+    _choice(spec, "optim.directions", DIRECTIONS)
+    _num(spec, "optim.rank", kind=int, lo=1)
 
     d = spec["dizo"]
     _num(spec, "dizo.interval", kind=int, lo=1)
@@ -324,8 +329,13 @@ def load_spec(source: str | Path | dict, sets: list[str] | None = None) -> dict:
 def spec_hash(spec: dict) -> str:
     """Stable hash of the fields that change what training computes (not name/window/budget).
 
-    `noise` is left out: "auto" resolves per machine, and the seed-log header pins the stream used."""
+    `noise` is left out: "auto" resolves per machine, and the seed-log header pins the stream used.
+    `optim.directions`/`optim.rank` count only for lowrank directions (rank means nothing to dense
+    ones), so a dense spec hashes as it did before those fields existed and older logs still resume."""
     keep = {k: v for k, v in spec.items()
             if k not in ("name", "window", "budget", "output", "fsync_every", "noise")}
+    optim = keep.get("optim")
+    if isinstance(optim, dict) and optim.get("directions", "dense") == "dense":
+        keep["optim"] = {k: v for k, v in optim.items() if k not in ("directions", "rank")}
     blob = json.dumps(keep, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
