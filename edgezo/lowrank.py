@@ -11,15 +11,16 @@
 
 A low-rank direction is never materialised for a perturbed forward: the Perturber leaves W in place
 and adds α·((x·V)·Uᵀ)/√r to the Linear's output (`forward_term`). The update (the only write a step
-makes) is θ ← θ + α/√r · Σ_k u_k v_kᵀ, computed in fp32 row chunk by row chunk with elementwise
-products and adds only (no matmul, so no BLAS summation order to depend on) and rounded once to θ's
-dtype; replay runs the same function, so it is bit-exact. `rows` and `add_into` (a tied or untied
-head read through Perturber.rows/full) use the same arithmetic, bit for bit.
+makes) is θ ← θ + α/√r · Σ_k u_k v_kᵀ as one fused elementwise pass per rank (addcmul: θ_ij + c·u_i·v_j;
+no matmul, so no BLAS summation order to depend on): in place for fp32 θ, and for fp16/bf16 θ into an
+fp32 row-chunk copy that is rounded once to θ's dtype. Replay runs the same function, so it is
+bit-exact. `rows` and `add_into` (an untied head read through Perturber.rows/full) run the same
+elementwise arithmetic, so their rows equal the updated weight's bit for bit.
 
 Rank 1 is the default: one extra matrix-vector product per Linear in the forward, r·(out+in) random
-numbers per weight instead of out·in, and an update that is an exact outer product (u_i·v_j is one
-rounding). LOZO's lazy V (keep V for ν steps) is not implemented: the noise layer sees step seeds,
-not step numbers, so it would need the step threaded through every method and the seed-log.
+numbers per weight instead of out·in, and one pass over the weight for the update. LOZO's lazy V
+(keep V for ν steps) is not implemented: the noise layer sees step seeds, not step numbers, so it
+would need the step threaded through every method and the seed-log.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from torch import nn
 from edgezo.noise import Noise, ZOParam, mix
 
 DIRECTIONS = ("dense", "lowrank")
-# The update's fp32 row chunks (a function of shape only, so replay matches): 4 MiB, larger than the
-# dense stream's, because each chunk costs two elementwise ops (and their thread-pool round trips)
-# and holds no noise to draw; still well under a percent of any forward's peak.
+# fp16/bf16 updates go through fp32 row chunks of this size (a function of shape only, so replay
+# matches): 4 MiB, larger than the dense stream's since there is no noise to draw per chunk; still well
+# under a percent of any forward's peak. fp32 weights are updated whole, in place, with no buffer.
 CHUNK_ELEMENTS = 1 << 20
 LOWRANK_SALT = 0x10A7_2A4C  # a third mixed part: mix(s, i, SALT) is a different stream from mix(s, i)
 
@@ -56,38 +57,30 @@ def factors(p: ZOParam, seed: int, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return u, v
 
 
-def _outer_rows(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor | None) -> torch.Tensor:
-    """out = Σ_k u[k, :, None] · v[k] for the rows u covers (elementwise ops only: deterministic)."""
-    torch.mul(u[0].unsqueeze(1), v[0], out=out)
-    for k in range(1, u.shape[0]):
-        torch.mul(u[k].unsqueeze(1), v[k], out=tmp)
-        out.add_(tmp)
-    return out
+def _add_outer(acc: torch.Tensor, u: torch.Tensor, v: torch.Tensor, c: float,
+               src: torch.Tensor | None = None) -> torch.Tensor:
+    """acc = (src or acc) + c·Σ_k u[k, :, None]·v[k], fp32, one fused elementwise pass per k
+    (addcmul), so any rows of the result equal the same rows computed alone, bit for bit."""
+    for k in range(u.shape[0]):
+        base = src if (k == 0 and src is not None) else acc
+        torch.addcmul(base, u[k].unsqueeze(1), v[k], value=c, out=acc)
+    return acc
 
 
 def add_lowrank_into(out: torch.Tensor, p: ZOParam, seed: int, alpha: float, rank: int,
                      src: torch.Tensor | None = None) -> torch.Tensor:
-    """out = src + alpha·U·Vᵀ/√r (src defaults to θ), in fp32 row chunks, rounded once to θ's dtype."""
+    """out = src + alpha·U·Vᵀ/√r (src defaults to θ), in fp32; fp16/bf16 are rounded once, per row chunk."""
     src = p.param.detach() if src is None else src
     u, v = factors(p, seed, rank)
     c = alpha / math.sqrt(rank)
+    if src.dtype == torch.float32:
+        return _add_outer(out, u, v, c, None if out.data_ptr() == src.data_ptr() else src)
     rows_total = src.shape[0]
     step = max(1, CHUNK_ELEMENTS // src.shape[1])
-    n = min(step, rows_total)
-    buf = torch.empty((n, src.shape[1]), dtype=torch.float32, device=src.device)
-    tmp = torch.empty_like(buf) if rank > 1 else None
-    in_place_fp32 = out.data_ptr() == src.data_ptr() and src.dtype == torch.float32
     for r0 in range(0, rows_total, step):
         r1 = min(r0 + step, rows_total)
-        d = _outer_rows(u[:, r0:r1], v, buf[: r1 - r0], None if tmp is None else tmp[: r1 - r0])
-        if in_place_fp32:
-            out[r0:r1].add_(d, alpha=c)
-        elif src.dtype == torch.float32:
-            torch.add(src[r0:r1], d, alpha=c, out=out[r0:r1])
-        else:
-            block = src[r0:r1].to(torch.float32, copy=True)
-            block.add_(d, alpha=c)
-            out[r0:r1].copy_(block)
+        block = src[r0:r1].to(torch.float32, copy=True)
+        out[r0:r1].copy_(_add_outer(block, u[:, r0:r1], v, c))
     return out
 
 
@@ -97,10 +90,7 @@ def lowrank_rows(p: ZOParam, seed: int, alpha: float, rank: int, ids: torch.Tens
     w = p.param.detach()
     flat = ids.reshape(-1)
     u, v = factors(p, seed, rank)
-    us = u[:, flat]
-    d = _outer_rows(us, v, torch.empty((flat.numel(), w.shape[1]), dtype=torch.float32, device=w.device),
-                    torch.empty((flat.numel(), w.shape[1]), dtype=torch.float32, device=w.device) if rank > 1 else None)
-    out = w[flat].float().add_(d, alpha=alpha / math.sqrt(rank))
+    out = _add_outer(w[flat].to(torch.float32, copy=True), u[:, flat], v, alpha / math.sqrt(rank))
     return out.to(w.dtype).reshape(*ids.shape, w.shape[1])
 
 
