@@ -2,8 +2,9 @@
 
 * "dense" (the default): z is the noise stream's Gaussian tensor (edgezo/noise.py), as ever.
 * "lowrank" (LOZO/SubZero-style): for the weight W (out × in) of an `nn.Linear`, z = U·Vᵀ/√r with
-  U (out × r) and V (in × r) standard normal, so every entry of z still has variance 1 and lr/eps
-  keep their meaning. U and V come from a torch.Generator on W's device seeded by
+  U (out × r) and V (in × r) standard normal, so every entry of z has variance 1 like a dense z (yet
+  a rank-1 z has spectral norm ~√(out·in), not ~√out+√in, so it moves a layer's output more and wants
+  a smaller lr: about 5× on the tiny test model). U and V come from a torch.Generator on W's device seeded by
   mix(s, p.index, LOWRANK_SALT), a pure function of (seed, parameter) apart from the dense stream's
   mix(s, p.index). Every other trainable tensor (embeddings, tied embedding/head tables, norms,
   biases, int8 row scales, any 1-D tensor) keeps the dense stream, whichever it is (torch or philox:
@@ -12,7 +13,8 @@
 A low-rank direction is never materialised for a perturbed forward: the Perturber leaves W in place
 and adds α·((x·V)·Uᵀ)/√r to the Linear's output (`forward_term`). The update (the only write a step
 makes) is θ ← θ + α/√r · Σ_k u_k v_kᵀ as one fused elementwise pass per rank (addcmul: θ_ij + c·u_i·v_j;
-no matmul, so no BLAS summation order to depend on): in place for fp32 θ, and for fp16/bf16 θ into an
+no matmul, so no BLAS summation order to depend on): in place for fp32 θ (one fp32 rounding per rank),
+and for fp16/bf16 θ into an
 fp32 row-chunk copy that is rounded once to θ's dtype. Replay runs the same function, so it is
 bit-exact. `rows` and `add_into` (an untied head read through Perturber.rows/full) run the same
 elementwise arithmetic, so their rows equal the updated weight's bit for bit.
