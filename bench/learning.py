@@ -1,153 +1,214 @@
-"""Does DiZO learn faster than MeZO? Same model, data, seed, batch, lr and eps; one run each.
+"""Time to accuracy: which recipe makes the packaged default model better fastest, and at what memory.
 
-    python bench/learning.py                     # CPU defaults: ~25 min on 2 idle cores
-    python bench/learning.py --steps 2000 --eval-every 100 --eval-size 500 --device cuda
+    python bench/learning.py                                   # every recipe, marks at 2, 5, 10 minutes
+    python bench/learning.py --recipes fzoo-top1,mezo-full --minutes 2,5
+    python bench/learning.py --sweep fzoo-top1 --lrs 3e-3,1e-2,3e-2 --minutes 3   # choose lr on the train split
 
-Prints (a) the steps DiZO needs to reach MeZO's final dev accuracy divided by MeZO's steps
-(< 1 means DiZO is faster; "never" if it does not get there), (b) both final accuracies, (c) the
-wall time per training step of DiZO divided by MeZO's (projection included, eval excluded), and
-saves a loss / accuracy-vs-step PNG. Nothing here is tuned to favour either method.
+Each recipe trains on the same data, seed, batch and length, and is evaluated on the same dev
+sentences at fixed marks of *training* time (evaluation time is not counted) and at the end. The
+table gives, per recipe: the dev accuracy at each mark with its 95 % interval, the full-forward
+equivalents spent by then (a short forward through the top blocks counts as that fraction of a
+full one; an fo step counts 4: forward, recomputation under checkpointing, and a backward of about
+two forwards), and peak / time-weighted average memory (RSS on the CPU). A PNG plots dev accuracy
+against training minutes, one line per recipe.
+
+Hyper-parameters: `--sweep` trains each candidate lr for the first mark on the train split minus
+its last `--eval-size` sentences and scores it on those held-out train sentences; dev is never
+used to choose. The recipes' lrs below are what that sweep picked on this project's CPU machine
+(`fzoo-*`), or the published/anchored choices (mezo-full lr 1e-5, the GPU sweep in ANCHORS.md;
+fo-lora lr 1e-3, the CPU rival in ANCHORS.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edgezo.hooks import TrainerHooks  # noqa: E402
 from edgezo.spec import load_spec  # noqa: E402
 from edgezo.trainer import prepare_job_dir, run_job  # noqa: E402
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "edgezo" / "default_spec.yaml"
 
-
-def job_spec(args, method: str) -> dict:
-    sets = [
-        f"name=learn-{method}", f"method={method}", f"steps={args.steps}", f"batch_size={args.batch}",
-        f"max_length={args.max_length}", f"eval_every={args.eval_every}", f"eval_size={args.eval_size}",
-        f"seed={args.seed}", f"optim.lr={args.lr}", f"optim.eps={args.eps}", f"device={args.device}",
-        f"trainable={args.trainable}", f"dizo.interval={args.interval}", f"dizo.projection={args.projection}",
-        f"dizo.iters={args.iters}", "snapshot_every=0", f"model={args.model}", f"precision={args.precision}",
-    ]
-    return load_spec(DEFAULT_SPEC, sets)
-
-
-def curve(report: dict) -> list[tuple[int, float]]:
-    return [(h["step"], h["accuracy"]) for h in report["metrics"]["history"]]
+# name -> `--set` overrides on the packaged default job
+RECIPES: dict[str, list[str]] = {
+    "mezo-full": ["method=mezo", "trainable=full", "optim.lr=1e-5", "optim.eps=1e-3", "optim.perturbations=1"],
+    "fzoo-top1": ["method=fzoo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=16"],
+    "fzoo-top1-linear": ["method=fzoo", "trainable=top1", "optim.lr=3e-2", "optim.eps=1e-3", "optim.perturbations=16",
+                         "optim.schedule=linear", "steps=200"],  # lr decays to 0 at step 200
+    "fzoo-top2": ["method=fzoo", "trainable=top2", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=16"],
+    "fo-lora": ["method=fo", "trainable=lora", "optim.lr=1e-3"],
+}
 
 
-def losses(job_dir: Path) -> list[tuple[int, float]]:
-    out = []
-    for line in (job_dir / "events.jsonl").read_text().splitlines():
-        ev = json.loads(line)
-        if ev["kind"] == "step":
-            out.append((ev["step"], ev["loss"]))
-    return out
+def interval95(p: float, n: int) -> float:
+    """Half-width of the normal-approximation 95 % interval of an accuracy over n sentences."""
+    return 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
 
 
-def seconds_per_step(report: dict) -> float:
-    phases = report["memory"]["phases"]
-    busy = sum(phases.get(p, {}).get("duration_s", 0.0) for p in ("zo_step", "projection"))
-    return busy / max(1, report["timing"]["steps_this_run"])
+class Clock(TrainerHooks):
+    """Counts training time only (evaluations excluded); asks for an eval at each mark and for the
+    run to finish at the last one."""
+
+    def __init__(self, marks_s: list[float], steps: list[int] | None = None):
+        self.marks = sorted(marks_s)
+        self.step_marks = sorted(steps or [])  # marks in steps instead (a sweep immune to machine load)
+        self.steps = 0
+        self.trained = 0.0
+        self.last: float | None = None
+        self.next = 0
+        self.forwards = 0.0
+        self.at_eval: list[tuple[float, float]] = []  # (training seconds, forwards) at each eval
+
+    def on_event(self, kind, data):
+        now = time.monotonic()
+        if kind == "phase" and data.get("phase") == "eval":
+            if data["state"] == "begin":
+                if self.last is not None:
+                    self.trained += now - self.last
+                self.at_eval.append((self.trained, self.forwards))
+                self.last = None
+            else:
+                self.last = now
+        elif kind == "step":
+            if self.last is not None:
+                self.trained += now - self.last
+            self.last = now
+            self.forwards += data.get("forwards", 2.0)
+            self.steps += 1
+
+    def _elapsed(self) -> float:
+        return self.trained + (time.monotonic() - self.last if self.last is not None else 0.0)
+
+    def eval_wanted(self, step):
+        if self.step_marks:
+            return self.steps in self.step_marks[:-1]
+        if self.next < len(self.marks) - 1 and self._elapsed() >= self.marks[self.next]:
+            self.next += 1
+            return True
+        return False
+
+    def control(self):
+        if self.step_marks:
+            return "finish" if self.steps >= self.step_marks[-1] else "run"
+        return "finish" if self._elapsed() >= self.marks[-1] else "run"
 
 
-def steps_to_reach(points: list[tuple[int, float]], target: float) -> int | None:
-    for step, acc in points:
-        if acc >= target:
-            return step
-    return None
+def run_recipe(name: str, sets: list[str], args, out: Path, marks_s: list[float], train: str, dev: str) -> dict:
+    last = [f"steps={args.steps.split(',')[-1]}"] if args.steps else []
+    spec = load_spec(DEFAULT_SPEC, [f"name={name}", "steps=100000", "eval_every=0", "snapshot_every=0",
+                                    f"eval_size={args.eval_size}", f"batch_size={args.batch}",
+                                    f"max_length={args.max_length}", f"seed={args.seed}", f"device={args.device}",
+                                    f"task.train={train}", f"task.eval={dev}", *sets, *last])
+    job = prepare_job_dir(out / name, spec)
+    clock = Clock(marks_s, [int(x) for x in args.steps.split(",")] if args.steps else None)
+    print(f"--- {name}: {' '.join(sets)} ({job})", file=sys.stderr, flush=True)
+    report = run_job(job, clock, progress=True)
+    hist = report["metrics"]["history"]  # zero-shot, one per mark, the final one
+    points = [(0.0, 0.0, hist[0]["accuracy"])]
+    for (t, fw), h in zip(clock.at_eval[1:], hist[1:]):
+        points.append((t, fw, h["accuracy"]))
+    return {"name": name, "sets": sets, "points": points, "report": report, "n": hist[0]["n"],
+            "rollbacks": report.get("guard", {}).get("rollbacks", 0)}
 
 
-def smooth(xs: list[float], k: int = 25) -> list[float]:
-    out, acc = [], 0.0
-    for i, x in enumerate(xs):
-        acc += x
-        if i >= k:
-            acc -= xs[i - k]
-        out.append(acc / min(i + 1, k))
-    return out
-
-
-def plot(path: Path, runs: dict[str, tuple[list, list]]) -> None:
+def plot(path: Path, results: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, (loss_pts, acc_pts) in runs.items():
-        a.plot([s for s, _ in loss_pts], smooth([v for _, v in loss_pts]), label=name)
-        b.plot([s for s, _ in acc_pts], [v * 100 for _, v in acc_pts], marker="o", label=name)
-    a.set(xlabel="step", ylabel="training loss (moving average of 25)", title="loss")
-    b.set(xlabel="step", ylabel="dev accuracy (%)", title="dev accuracy")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in results:
+        xs = [t / 60 for t, _, _ in r["points"]]
+        ys = [a * 100 for _, _, a in r["points"]]
+        err = [interval95(a, r["n"]) * 100 for _, _, a in r["points"]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=r["name"])
+    ax.set(xlabel="training time (minutes, evaluation excluded)", ylabel=f"dev accuracy (%), n={results[0]['n']}",
+           title="time to accuracy, packaged default model")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def held_out_split(out: Path, n: int) -> tuple[str, str]:
+    """The train split minus its last n rows, and those n rows: the sweep never sees dev."""
+    from edgezo.data import data_path
+
+    rows = data_path("default", "train").read_text().splitlines()
+    fit, held = out / "train-fit.jsonl", out / "train-held.jsonl"
+    fit.write_text("\n".join(rows[:-n]) + "\n")
+    held.write_text("\n".join(rows[-n:]) + "\n")
+    return str(fit), str(held)
+
+
+def mib(b: float | None) -> str:
+    return f"{b / 2**20:6.0f} MiB" if b else "     -"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
+    ap.add_argument("--minutes", default="2,5,10", help="training-time marks; the run stops at the last")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--eps", type=float, default=1e-3)
-    ap.add_argument("--trainable", default="full")
-    ap.add_argument("--interval", type=int, default=50)
-    ap.add_argument("--projection", default="zo", choices=["zo", "fo"])
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--eval-every", type=int, default=40)
-    ap.add_argument("--eval-size", type=int, default=200)
+    ap.add_argument("--eval-size", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", type=Path, default=None, help="directory for the two job dirs and the PNG")
+    ap.add_argument("--sweep", default=None, help="a recipe whose lr to choose on the train split")
+    ap.add_argument("--lrs", default="3e-3,1e-2,3e-2")
+    ap.add_argument("--steps", default=None, help="marks in steps instead of minutes (e.g. 60,120)")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     out = args.out or Path(tempfile.mkdtemp(prefix="edgezo-learning-"))
     out.mkdir(parents=True, exist_ok=True)
-    reports, runs = {}, {}
-    for method in ("mezo", "dizo"):
-        job = prepare_job_dir(out / method, job_spec(args, method))
-        print(f"running {method} in {job} ...", file=sys.stderr, flush=True)
-        reports[method] = run_job(job, progress=True)
-        runs[method] = (losses(job), curve(reports[method]))
+    marks_s = [float(m) * 60 for m in args.minutes.split(",")]
 
-    mezo_final = reports["mezo"]["metrics"]["final"]["accuracy"]
-    dizo_final = reports["dizo"]["metrics"]["final"]["accuracy"]
-    mezo_pts, dizo_pts = runs["mezo"][1], runs["dizo"][1]  # the history ends with the final eval
-    zs = reports["mezo"]["metrics"]["zero_shot"]["accuracy"]
-    reach = steps_to_reach([p for p in dizo_pts if p[0] > 0], mezo_final)
+    if args.sweep:
+        train, held = held_out_split(out, args.eval_size)
+        base = [s for s in RECIPES[args.sweep] if not s.startswith("optim.lr=")]
+        results = [run_recipe(f"{args.sweep}-lr{lr}", [*base, f"optim.lr={lr}"], args, out, marks_s, train, held)
+                   for lr in args.lrs.split(",")]
+        print(f"\nsweep of {args.sweep} on the train split ({args.eval_size} held-out train sentences; dev unused), "
+              f"{args.steps + ' steps' if args.steps else args.minutes + ' min'} of training each")
+        for r in results:
+            print(f"  {r['name']:<24} " + "  ".join(f"{a * 100:5.1f} %" for _, _, a in r["points"])
+                  + f"   rollbacks {r['rollbacks']}")
+        best = max(results, key=lambda r: r["points"][-1][2])
+        print(f"chosen: {best['name']}")
+        return
+
+    from edgezo.data import data_path
+
+    train, dev = str(data_path("default", "train")), str(data_path("default", "eval"))
+    results = [run_recipe(name, RECIPES[name], args, out, marks_s, train, dev) for name in args.recipes.split(",")]
     png = out / "learning.png"
-    plot(png, {m: (runs[m][0], pts) for m, pts in (("mezo", mezo_pts), ("dizo", dizo_pts))})
-
-    print(f"\nmodel {args.model}, {args.precision}, trainable {args.trainable}, {args.steps} steps, batch {args.batch}, "
-          f"lr {args.lr}, eps {args.eps}, seed {args.seed}; DiZO {args.projection} every {args.interval} steps, "
-          f"{args.iters} iters; dev {args.eval_size} sentences")
-    print(f"zero-shot dev accuracy:            {zs * 100:.1f} %")
-    print(f"(b) final dev accuracy  MeZO {mezo_final * 100:.1f} %   DiZO {dizo_final * 100:.1f} %")
-    if mezo_final <= zs:
-        print("    note: MeZO's final accuracy is not above zero-shot, so (a) measures no learning; run longer")
-    if reach is None:
-        print(f"(a) DiZO steps to MeZO's final accuracy ÷ MeZO steps: never within {args.steps} steps")
-    else:
-        print(f"(a) DiZO steps to MeZO's final accuracy ÷ MeZO steps: {reach} / {args.steps} = {reach / args.steps:.2f}")
-    ratio = seconds_per_step(reports["dizo"]) / seconds_per_step(reports["mezo"])
-    ph = reports["dizo"]["memory"]["phases"]
-    within = (ph["zo_step"]["duration_s"] + ph.get("projection", {}).get("duration_s", 0.0)) / ph["zo_step"]["duration_s"]
-    print(f"(c) wall time per step, DiZO ÷ MeZO: {ratio:.3f} across the two runs; "
-          f"{within:.3f} within the DiZO run ((ZO steps + projections) ÷ ZO steps, immune to machine drift)")
-    print("dev accuracy by step:")
-    for (s1, a1), (_, a2) in zip(mezo_pts, dizo_pts):
-        print(f"  step {s1:>6}:  MeZO {a1 * 100:5.1f} %   DiZO {a2 * 100:5.1f} %")
-    print(f"plot: {png}")
+    plot(png, results)
+    n = results[0]["n"]
+    print(f"\npackaged default model, batch {args.batch}, max length {args.max_length}, seed {args.seed}, "
+          f"dev {n} sentences (95 % interval ±{interval95(0.8, n) * 100:.1f} points at 80 %)")
+    head = "recipe        zero-shot  " + "  ".join(f"@{m:>4} min (fwd)     " for m in args.minutes.split(","))
+    print(head + "  peak RSS   avg RSS  rollbacks")
+    for r in results:
+        cells = []
+        for _t, fw, a in r["points"][1:]:
+            cells.append(f"{a * 100:5.1f}±{interval95(a, n) * 100:.1f} ({fw:6.0f})")
+        mem = r["report"]["memory"]
+        print(f"{r['name']:<13} {r['points'][0][2] * 100:5.1f} %   " + "  ".join(f"{c:<20}" for c in cells)
+              + f"  {mib(mem.get('peak_bytes'))} {mib(mem.get('avg_bytes'))}  {r['rollbacks']}")
+    print("(fwd): full-forward equivalents spent by that mark; the last column of each row is the final eval")
+    (out / "learning.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "report"} for r in results],
+                                                  indent=1))
+    print(f"plot: {png}\ntable data: {out / 'learning.json'}")
 
 
 if __name__ == "__main__":

@@ -85,9 +85,15 @@ def _pid_is_worker(pid: int, job_id: str) -> bool:
     return b"edgezo.worker" in cmd and job_id.encode() in cmd
 
 
+def _step_phase(job: Job) -> str:
+    """What a job's training steps are called: `fo_step` for the first-order baseline (method: fo, which
+    holds an `fo_step` lease for its whole run), `zo_step` for every ZO method."""
+    return "fo_step" if (job.spec or {}).get("method") == "fo" else "zo_step"
+
+
 def _phase_after_heavy(job: Job) -> str:
-    """Back to ZO steps, or, with every step done, on to the end (status showed `zo_step` at 60/60)."""
-    return "export" if job.steps_total and job.step >= job.steps_total else "zo_step"
+    """Back to training steps, or, with every step done, on to the end (status showed `zo_step` at 60/60)."""
+    return "export" if job.steps_total and job.step >= job.steps_total else _step_phase(job)
 
 
 class Daemon:
@@ -117,6 +123,7 @@ class Daemon:
         self._last_status = ""
         self.group_gid = self._group_gid()
         self.ticks = 0
+        self._sampled: dict[str, set[str]] = {}  # job -> the phases its memory samples cover
         self._acc: dict[str, list] = {}  # job -> [peak, area, duration, (last ts, last bytes)]
 
     # ------------------------------------------------------------------ lifecycle
@@ -375,16 +382,16 @@ class Daemon:
         if kind == "start":
             job.steps_total = int(data.get("steps_total", job.steps_total))
             job.step = int(data.get("resumed_from", job.step) or 0)
-            job.phase = "zo_step"
+            self._enter_phase(job, _step_phase(job), now)
         elif kind == "step":
             job.step = int(data.get("step", job.step)) + 1
             job.loss = data.get("loss")
             job.steps_per_s = data.get("steps_per_s")
             if job.phase in ("", "load", "starting"):
-                job.phase = "zo_step"
+                self._enter_phase(job, _step_phase(job), now)
         elif kind == "phase":
             p, state = data.get("phase", ""), data.get("state", "begin")
-            job.phase = p if state == "begin" else _phase_after_heavy(job)
+            self._enter_phase(job, p if state == "begin" else _phase_after_heavy(job), now)
         self._event(job, kind, data)
         if kind != "step":  # steps are saved with the next memory sample (see `sample`)
             self._save(job)
@@ -403,16 +410,23 @@ class Daemon:
         if lease.granted is None and not self.stopping:
             self._grant(now)
         if lease.granted is not None and job.phase != phase:
-            job.phase = phase
+            self._enter_phase(job, phase, now)
             self._event(job, "lease", {"phase": phase, "bytes": lease.nbytes, "waited_s": lease.granted - lease.requested})
         return lease
 
     def lease_release(self, job: Job, phase: str) -> Lease | None:
         lease = self.leases.release(job.id, phase)
         if lease is not None and job.phase == phase:
-            job.phase = _phase_after_heavy(job)
+            self._enter_phase(job, _phase_after_heavy(job), time.time())
         self.wake()
         return lease
+
+    def _enter_phase(self, job: Job, phase: str, now: float) -> None:
+        """Switch a job's phase; a phase that ends before the sampler ever saw it gets one sample
+        now, so every phase a job went through shows in its memory report, however short."""
+        if phase != job.phase and job.pid and job.phase and job.phase not in self._sampled.get(job.id, ()):
+            self.sample(now)
+        job.phase = phase
 
     # ------------------------------------------------------------------ the loop
     def sample(self, now: float) -> None:
@@ -428,6 +442,7 @@ class Daemon:
                 job.measured = max(job.measured or 0, used)  # the estimate, refined by measurement
             if job.pid:
                 rows.append((job.id, now, used, job.phase or "load"))
+                self._sampled.setdefault(job.id, set()).add(job.phase or "load")
                 self._accumulate(job.id, now, used)
             self._save(job)
         if self.store:

@@ -65,10 +65,12 @@ def _train_foreground(job_dir: Path) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from edgezo.trainer import build_engine, export, restore
+    from edgezo.trainer import TrainingError, build_engine, export, not_replayable_message, restore
 
     job_dir = Path(args.job_dir)
     spec = json.loads((job_dir / "spec.json").read_text())
+    if spec.get("method") == "fo":  # backprop steps leave no scalars to redo them from
+        raise TrainingError(not_replayable_message(job_dir))
     engine = build_engine(spec)
     next_step = restore(engine, job_dir / "seedlog.ezl", use_snapshots=not args.from_base)
     out = Path(args.out)

@@ -87,3 +87,43 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
         random.Random(f"{seed}:{epoch}").shuffle(perm)
         _perm_cache[key] = perm
     return _perm_cache[key]
+
+
+BUCKET_BATCHES = 50  # batches per length-sorted chunk of an epoch
+
+
+def bucketed_batch(lengths: list[int], batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the batch for `step`, drawn so that a batch holds sentences of similar length.
+
+    Padded batches of random sentences spend most of a forward on padding (Rotten Tomatoes at batch
+    16: 1.68 padded tokens per real one). Each epoch is a seeded permutation cut into chunks of
+    BUCKET_BATCHES batches; a chunk is sorted by length and cut into batches, and the epoch's
+    batches are shuffled, so the order stays random but the padding nearly vanishes. An epoch has
+    len // batch_size full batches (the few left over differ from epoch to epoch). A pure function
+    of (lengths, step, seed), which is what lets a resumed job see the batches the killed one would.
+    """
+    n = len(lengths)
+    if n < batch_size:
+        return batch_indices(n, batch_size, step, seed)
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    return _bucketed_epoch(tuple(lengths), batch_size, seed, epoch)[k]
+
+
+_epoch_cache: dict[tuple, list[list[int]]] = {}
+
+
+def _bucketed_epoch(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    key = (hash(lengths), len(lengths), batch_size, seed, epoch)
+    if key not in _epoch_cache:
+        if len(_epoch_cache) > 4:
+            _epoch_cache.clear()
+        perm = _permutation(len(lengths), seed, epoch)[: (len(lengths) // batch_size) * batch_size]
+        chunk = batch_size * BUCKET_BATCHES
+        batches: list[list[int]] = []
+        for c in range(0, len(perm), chunk):
+            part = sorted(perm[c : c + chunk], key=lambda i: lengths[i])  # stable: ties keep the permutation
+            batches.extend(part[b : b + batch_size] for b in range(0, len(part), batch_size))
+        random.Random(f"{seed}:{epoch}:batches").shuffle(batches)
+        _epoch_cache[key] = batches
+    return _epoch_cache[key]

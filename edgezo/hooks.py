@@ -22,5 +22,10 @@ class TrainerHooks:
         """The heavy phase is over and its memory is back."""
 
     def control(self) -> str:
-        """'run', 'pause' (checkpoint and exit, resumable) or 'stop' (cancelled)."""
+        """'run', 'pause' (checkpoint and exit, resumable), 'stop' (cancelled) or 'finish' (no more
+        steps: evaluate, export and report what there is, as if the last step were the final one)."""
         return "run"
+
+    def eval_wanted(self, step: int) -> bool:
+        """An extra evaluation now, besides eval_every (benchmarks evaluate at wall-clock marks)."""
+        return False

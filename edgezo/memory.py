@@ -39,7 +39,7 @@ from edgezo import nvml
 
 __all__ = ["KNOWN_PHASES", "Accumulator", "MemoryMeter", "format_bytes"]
 
-KNOWN_PHASES = ("zo_step", "eval", "projection", "export", "load")
+KNOWN_PHASES = ("zo_step", "fo_step", "eval", "projection", "export", "load")
 NO_PHASE = ""  # the timeline's phase for readings taken outside any phase
 # Preferred primary source on a CUDA device, best first; on CPU it is always "rss".
 CUDA_PRIMARY_ORDER = ("nvml_process", "torch_reserved", "rss")

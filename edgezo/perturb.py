@@ -98,6 +98,16 @@ class Perturber:
             self.seed, self.alpha = None, 0.0
 
     @contextmanager
+    def inactive(self) -> Iterator[None]:
+        """Forwards inside see the real weights, whatever perturbation is active around them."""
+        seed, alpha = self.seed, self.alpha
+        self.seed, self.alpha = None, 0.0
+        try:
+            yield
+        finally:
+            self.seed, self.alpha = seed, alpha
+
+    @contextmanager
     def overridden(self, fn: Callable[[ZOParam], torch.Tensor | None]) -> Iterator[None]:
         """Forwards inside see fn(p) in place of each parameter p it returns a tensor for (DiZO's
         projected weights θ₀ + c·Δθ); the weights themselves are untouched."""

@@ -30,6 +30,23 @@ def _metric_line(m: dict | None) -> str:
     return ", ".join(parts) + f"  (n={m.get('n', '?')})"
 
 
+def accuracy_gain(before: dict | None, after: dict | None) -> dict | None:
+    """Final minus zero-shot accuracy, in points, with a 95 % interval paired over the same sentences
+    (each sentence's change is −1, 0 or +1; the interval is 1.96 standard errors of their mean)."""
+    if not before or not after or "correct" not in before or "correct" not in after:
+        return None
+    a, b = before["correct"], after["correct"]
+    if len(a) != len(b) or not a:
+        return None
+    d = [int(y) - int(x) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((v - mean) ** 2 for v in d) / max(1, n - 1)
+    half = 1.96 * (var / n) ** 0.5
+    return {"points": 100 * mean, "interval95": [100 * (mean - half), 100 * (mean + half)], "n": n,
+            "better": d.count(1), "worse": d.count(-1)}
+
+
 def render(report: dict) -> str:
     lines = [
         f"job        {report.get('name', '?')}  ({report.get('method')}, {report.get('precision')}, model {report.get('model')}"
@@ -44,6 +61,14 @@ def render(report: dict) -> str:
     m = report.get("metrics") or {}
     lines.append(f"zero-shot  {_metric_line(m.get('zero_shot'))}")
     lines.append(f"final      {_metric_line(m.get('final'))}")
+    g = m.get("gain")
+    if g:
+        lo, hi = g["interval95"]
+        lines.append(f"gain       {g['points']:+.1f} points (95 % interval {lo:+.1f} to {hi:+.1f}, paired over the same "
+                     f"{g['n']} sentences: {g['better']} now right, {g['worse']} now wrong)")
+    rb = (report.get("guard") or {}).get("events") or []
+    for e in rb:
+        lines.append(f"rollback   at step {e['step']} the loss had risen: back to step {e['to']}, lr now {e['lr']:.3g}")
     mem = report.get("memory") or {}
     if mem:
         lines.append(f"memory     peak {human_bytes(mem.get('peak_bytes'))} ({mem.get('peak_bytes')} B), "

@@ -3,8 +3,10 @@
 Layout: MAGIC, then frames. A frame is `kind:u8 | length:u32 | payload | crc32:u32` where the CRC
 covers kind, length and payload; payloads are compact JSON (Python floats round-trip exactly).
 The first frame is the header (format, spec hash, base-model hash, dtype, ...). Then one STEP frame
-per ZO step, one PROJECTION frame per DiZO projection and a SNAPSHOT frame each time a full copy of
-the trainable tensors was written, which bounds replay time. A torn tail (power loss mid-write) fails
+per ZO step, one PROJECTION frame per DiZO projection, a SNAPSHOT frame each time a full copy of
+the trainable tensors was written (which bounds replay time), and a ROLLBACK frame when the
+divergence guard returned the weights to an earlier step (the frames after that step no longer
+count; see `effective`). A torn tail (power loss mid-write) fails
 its length or CRC check: it is dropped with a warning and everything before it stands.
 """
 
@@ -22,8 +24,8 @@ from typing import Any
 
 MAGIC = b"EDGEZO-SEEDLOG\n"
 FORMAT_VERSION = 1
-HEADER, STEP, PROJECTION, SNAPSHOT = 1, 2, 3, 4
-KINDS = {HEADER: "header", STEP: "step", PROJECTION: "projection", SNAPSHOT: "snapshot"}
+HEADER, STEP, PROJECTION, SNAPSHOT, ROLLBACK = 1, 2, 3, 4, 5
+KINDS = {HEADER: "header", STEP: "step", PROJECTION: "projection", SNAPSHOT: "snapshot", ROLLBACK: "rollback"}
 _FRAME = struct.Struct("<BI")
 _CRC = struct.Struct("<I")
 
@@ -150,3 +152,25 @@ def _fsync_dir(d: Path) -> None:
 
 def body(frames: list[Frame], kind: int) -> Iterator[dict]:
     return (f.data for f in frames if f.kind == kind)
+
+
+def effective(frames: list[Frame]) -> list[Frame]:
+    """The STEP/PROJECTION/SNAPSHOT frames that make up the current weights: a ROLLBACK frame {"to": t}
+    drops every earlier frame of a step after t (the guard returned to the weights after step t)."""
+    out: list[Frame] = []
+    for f in frames:
+        if f.kind == ROLLBACK:
+            to = f.data["to"]
+            out = [g for g in out if g.data["step"] <= to]
+        elif f.kind in (STEP, PROJECTION, SNAPSHOT):
+            out.append(f)
+    return out
+
+
+def cut(path: Path, offset: int) -> None:
+    """Drop everything from `offset` on (a frame boundary) and fsync: for records that cannot be
+    redone and will be written again (method: fo's steps after its newest snapshot)."""
+    with open(path, "r+b") as f:
+        if os.fstat(f.fileno()).st_size > offset:
+            f.truncate(offset)
+            os.fsync(f.fileno())

@@ -16,13 +16,14 @@ from typing import Any
 import yaml
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-METHODS = ("mezo", "dizo")
+METHODS = ("mezo", "dizo", "fzoo", "fo")  # fo: the first-order baseline (AdamW, backprop)
 TASK_TYPES = ("classification", "generation")
 SCHEDULES = ("constant", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 NOISE = ("auto", "torch", "philox")
 DIRECTIONS = ("dense", "lowrank")  # edgezo/lowrank.py (kept here too: this module stays torch-free)
-TRAINABLE_SETS = ("full", "lora", "scales")  # or a list of name patterns
+TRAINABLE_SETS = ("full", "lora", "scales")  # or topK (the last K blocks and the final norm), or name patterns
+TOP_K = re.compile(r"top([1-9][0-9]{0,3})")
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -45,6 +46,9 @@ DEFAULTS: dict[str, Any] = {
         "fo_lr": 0.01,
         "checkpointing": False,
     },
+    # The divergence guard (edgezo/guard.py): when the loss's moving average over `span` steps rises
+    # `rise` (relative) above its best, roll back to that best step and multiply lr by lr_factor.
+    "guard": {"rise": 0.25, "span": 40, "lr_factor": 0.5},
     "task": {
         "type": "classification",
         "train": "default",
@@ -212,6 +216,23 @@ def _validate_lora(spec: dict) -> None:
     spec["lora"]["targets"] = _patterns(spec["lora"]["targets"], "lora.targets")
 
 
+def _validate_fo(spec: dict, given: dict) -> None:
+    """method: fo is AdamW through a backward: the trainable set and the objective must have gradients."""
+    if (given.get("guard") or {}).get("rise"):
+        raise SpecError("guard.rise", "the divergence guard rolls back by replaying logged ZO steps, and fo's "
+                        "backprop steps cannot be replayed; leave guard out (it is off for fo)")
+    spec["guard"]["rise"] = 0.0
+    if spec["trainable"] == "scales":
+        raise SpecError("trainable", "method: fo differentiates the trainable set, and bitsandbytes' int8 matmul "
+                        "has no gradient for its row scales; use trainable: lora with precision: int8")
+    if spec["precision"] == "fp16" and spec["trainable"] != "lora":
+        raise SpecError("precision", "method: fo keeps AdamW moments in the weights' dtype, and in fp16 its eps "
+                        "(1e-8) underflows to 0; use fp32 or bf16, or trainable: lora (fp32 adapters)")
+    if spec["task"]["objective"] != "loss":
+        raise SpecError("task.objective", "method: fo descends the differentiable loss; "
+                        f"{spec['task']['objective']} has no gradient (use objective: loss)")
+
+
 def validate(given: dict) -> dict:
     """Return the full spec (defaults filled in) or raise SpecError naming the first bad field."""
     if not isinstance(given, dict):
@@ -219,7 +240,7 @@ def validate(given: dict) -> dict:
     unknown = sorted(set(given) - KNOWN_TOP)
     if unknown:
         raise SpecError(unknown[0], f"unknown field (known: {', '.join(sorted(KNOWN_TOP))})")
-    for section in ("optim", "dizo", "task", "lora"):
+    for section in ("optim", "dizo", "task", "lora", "guard"):
         if section in given and not isinstance(given[section], dict):
             raise SpecError(section, f"expected a mapping, got {given[section]!r}")
         extra = sorted(set(given.get(section) or {}) - set(DEFAULTS[section]))
@@ -234,7 +255,11 @@ def validate(given: dict) -> dict:
     _choice(spec, "device", DEVICES)
     _choice(spec, "noise", NOISE)
     trainable = spec["trainable"]
-    if isinstance(trainable, str) and trainable.lower() in TRAINABLE_SETS:
+    if isinstance(trainable, str) and re.fullmatch(r"top[0-9]+", trainable.lower()) and not TOP_K.fullmatch(
+            trainable.lower()):
+        raise SpecError("trainable", f"topK trains the last K blocks and the final norm; K must be 1 or more, "
+                        f"got {trainable!r}")
+    if isinstance(trainable, str) and (trainable.lower() in TRAINABLE_SETS or TOP_K.fullmatch(trainable.lower())):
         spec["trainable"] = trainable.lower()
     else:
         spec["trainable"] = _patterns(trainable, "trainable")
@@ -257,6 +282,16 @@ def validate(given: dict) -> dict:
     _choice(spec, "optim.schedule", SCHEDULES)
     _choice(spec, "optim.directions", DIRECTIONS)
     _num(spec, "optim.rank", kind=int, lo=1)
+    if spec["method"] == "fzoo" and spec["optim"]["perturbations"] < 2:
+        raise SpecError("optim.perturbations", "fzoo scales its step by the spread of the perturbed losses, so it "
+                        f"needs at least 2 directions per step (8-16 is typical), got {spec['optim']['perturbations']}")
+
+    _num(spec, "guard.rise", lo=0.0)  # 0: off
+    _num(spec, "guard.span", kind=int, lo=1)
+    _num(spec, "guard.lr_factor", lo=0.0, lo_open=True)
+    if spec["guard"]["lr_factor"] > 1.0:
+        raise SpecError("guard.lr_factor", f"lr is multiplied by it after a rollback; must be in (0, 1], "
+                        f"got {spec['guard']['lr_factor']}")
 
     d = spec["dizo"]
     _num(spec, "dizo.interval", kind=int, lo=1)
@@ -295,6 +330,8 @@ def validate(given: dict) -> dict:
         if not isinstance(t["answer_field"], str) or not t["answer_field"]:
             raise SpecError("task.answer_field", "expected the name of the answer column")
     _choice(spec, "task.objective", ("loss", "f1", "accuracy"))
+    if spec["method"] == "fo":
+        _validate_fo(spec, given)
 
     _num(spec, "steps", kind=int, lo=0)
     _num(spec, "batch_size", kind=int, lo=1)

@@ -19,6 +19,7 @@ from torch import nn
 from edgezo.data import DataError
 from edgezo.models import decoder_of, head_weight
 from edgezo.perturb import Perturber
+from edgezo.prefix import PrefixCache
 
 
 @dataclass
@@ -49,6 +50,12 @@ def _pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torc
     return ids.to(device), mask.to(device)
 
 
+def length_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
+    """Evaluation batches of similar-length examples (order does not change a metric; padding costs)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 class Task:
     """Shared plumbing: the model, its tokenizer, and the perturber the ZO method drives."""
 
@@ -58,13 +65,72 @@ class Task:
         self.max_length, self.device = max_length, device
         self.decoder = decoder_of(model)
         self.head = head_weight(model)
+        self.prefix: PrefixCache | None = None  # set by the trainer when the bottom of the net is frozen
+        self._capture_next = False
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pc = self.prefix
+        if pc is not None and self._capture_next:
+            self._capture_next = False
+            with pc.capturing(ids):
+                return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        if pc is not None and pc.holds(ids):
+            with pc.replaying():
+                return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def step_objective(self, batch: list[Example]) -> StepObjective:
+        return StepObjective(self, batch)
 
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tok(text)["input_ids"]
         return ids[-self.max_length :]
+
+
+class StepObjective:
+    """The ZO objective on one step's batch: `base()` is the unperturbed value, calling it gives the
+    value under whatever perturbation is active. With a prefix cache the frozen bottom of the network
+    runs once (in `base()`, forced before the first perturbed call) and every call after reuses it."""
+
+    def __init__(self, task: Task, batch: list[Example]):
+        self.task, self.batch = task, batch
+        self._base: float | None = None
+        self.forwards = 0  # full forwards spent (prefix shared: 1, however many directions)
+        self.short = 0  # forwards of the trainable top only
+
+    def base(self) -> float:
+        if self._base is None:
+            t = self.task
+            with t.perturber.inactive():
+                if t.prefix is not None:
+                    t.prefix.clear()
+                    t._capture_next = True
+                self._base = t.objective(self.batch)
+            self.forwards += 1
+        return self._base
+
+    def __call__(self) -> float:
+        if self.task.prefix is not None:
+            self.base()
+            self.short += 1
+        else:
+            self.forwards += 1
+        return self.task.objective(self.batch)
+
+    def loss(self) -> torch.Tensor:
+        """The differentiable loss, for method: fo. Counted as 4 forwards: the forward, its
+        recomputation under activation checkpointing, and a backward of about two forwards."""
+        self.forwards += 4
+        return self.task.loss(self.batch)
+
+    def cost(self) -> float:
+        """What the step spent, in full-forward equivalents (a short forward runs a fraction of the blocks)."""
+        pc = self.task.prefix
+        return self.forwards + (self.short * (1.0 - pc.cut / pc.blocks) if pc is not None else 0.0)
+
+    def done(self) -> None:
+        if self.task.prefix is not None:
+            self.task.prefix.clear()
 
 
 class Classification(Task):
@@ -118,15 +184,19 @@ class Classification(Task):
 
     @torch.no_grad()
     def evaluate(self, examples: list[Example], batch_size: int) -> dict:
-        correct, loss_sum = 0, 0.0
-        for i in range(0, len(examples), batch_size):
-            batch = examples[i : i + batch_size]
+        hits = [False] * len(examples)
+        loss_sum = 0.0
+        for idx in length_batches(examples, batch_size):
+            batch = [examples[i] for i in idx]
             logits = self.logits(batch)
             target = torch.tensor([e.label for e in batch], device=logits.device)
-            correct += int((logits.argmax(1) == target).sum())
+            for i, h in zip(idx, (logits.argmax(1) == target).tolist()):
+                hits[i] = bool(h)
             loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
         n = max(1, len(examples))
-        return {"accuracy": correct / n, "loss": loss_sum / n, "n": len(examples)}
+        # per-sentence hits: what a paired interval for "final vs zero-shot" needs (edgezo/report.py)
+        return {"accuracy": sum(hits) / n, "loss": loss_sum / n, "n": len(examples),
+                "correct": "".join("1" if h else "0" for h in hits)}
 
 
 def normalize_answer(s: str) -> str:
@@ -200,8 +270,8 @@ class Generation(Task):
     @torch.no_grad()
     def evaluate(self, examples: list[Example], batch_size: int) -> dict:
         em = f1 = loss = 0.0
-        for i in range(0, len(examples), batch_size):
-            batch = examples[i : i + batch_size]
+        for idx in length_batches(examples, batch_size):
+            batch = [examples[i] for i in idx]
             loss += float(self.loss(batch)) * len(batch)
             for pred, e in zip(self.generate(batch), batch):
                 em += float(normalize_answer(pred) == normalize_answer(e.answer))

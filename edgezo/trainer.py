@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from edgezo import seedlog
-from edgezo.data import batch_indices, check_fields, data_path, read_rows
+from edgezo.data import bucketed_batch, check_fields, data_path, read_rows
+from edgezo.guard import DivergenceGuard, Rollback
 from edgezo.hooks import TrainerHooks
 from edgezo.memory import MemoryMeter
 from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
-from edgezo.noise import NoiseUnavailable, ZOParam, make_noise
+from edgezo.noise import NoiseUnavailable, ZOParam, make_noise, mix
 from edgezo.perturb import Perturber, collect_params
+from edgezo.report import accuracy_gain
 from edgezo.spec import spec_hash
 from edgezo.tasks import make_task
 from edgezo.zo import METHODS, StepRecord, ZOMethod
@@ -55,6 +57,8 @@ class Engine:
     perturber: Perturber
     method: ZOMethod
     pending_projections: int = 0  # DiZO projections that were due but deferred (no lease yet)
+    guard: DivergenceGuard | None = None
+    base: object | None = None  # the trainable tensors' starting values (dizo.Theta0), for rollbacks
 
 
 def build_engine(spec: dict) -> Engine:
@@ -74,7 +78,18 @@ def build_engine(spec: dict) -> Engine:
             expose(model)
         except ScalesError as e:
             raise TrainingError(str(e)) from None
-    params = collect_params(model, trainable_patterns(spec["trainable"]))
+    trainable = spec["trainable"]
+    if isinstance(trainable, str) and trainable.startswith("top"):  # the last K blocks + the final norm
+        from edgezo.models import decoder_of
+        from edgezo.prefix import top_patterns
+
+        try:
+            patterns = top_patterns(model, decoder_of(model), int(trainable[3:]))
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+    else:
+        patterns = trainable_patterns(trainable)
+    params = collect_params(model, patterns)
     if not params:
         raise TrainingError(f"trainable: no parameter name matches {spec['trainable']}")
     o = spec["optim"]
@@ -85,7 +100,12 @@ def build_engine(spec: dict) -> Engine:
         raise TrainingError(f"noise: {e}") from None
     common = dict(lr=o["lr"], eps=o["eps"], weight_decay=o["weight_decay"], perturbations=o["perturbations"],
                   schedule=o["schedule"], total_steps=spec["steps"], seed=spec["seed"])
-    if spec["method"] == "dizo":
+    if spec["method"] == "fo":  # the first-order baseline: AdamW through a backward, same loop
+        from edgezo.fo import FirstOrder
+
+        method: ZOMethod = FirstOrder(params, perturber, model, lr=o["lr"], weight_decay=o["weight_decay"],
+                                      schedule=o["schedule"], total_steps=spec["steps"])
+    elif spec["method"] == "dizo":
         from edgezo.dizo import DiZO
 
         try:
@@ -94,7 +114,14 @@ def build_engine(spec: dict) -> Engine:
             raise TrainingError(str(e)) from None
     else:
         method = METHODS[spec["method"]](params, perturber, **common)
-    return Engine(spec, device, model, tok, path, params, perturber, method)
+    engine = Engine(spec, device, model, tok, path, params, perturber, method)
+    g = spec["guard"]
+    if g["rise"] > 0:
+        from edgezo.dizo import Theta0
+
+        engine.guard = DivergenceGuard(rise=g["rise"], span=g["span"], lr_factor=g["lr_factor"])
+        engine.base = Theta0(path, params)  # read before any resume touches the weights
+    return engine
 
 
 def log_header(engine: Engine) -> dict:
@@ -130,6 +157,8 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
         if header.get(key) != mine[key]:
             raise TrainingError(f"seed-log {log_path} was written for a different {key.replace('_', ' ')} "
                                 f"({header.get(key)} != {mine[key]}); refusing to resume onto it")
+    if header.get("method") == "fo":
+        return _restore_fo(engine, log_path, use_snapshots=use_snapshots)
     logged = header.get("noise", "torch")  # logs from before there was a choice used the torch stream
     if logged != mine["noise"]:  # the log's stream wins: the same seeds must give the same directions
         try:
@@ -142,30 +171,91 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
 
         warnings.warn(f"seed-log written on {header.get('device')}, replaying on {mine['device']}: "
                       "the result is close but not bit-identical", stacklevel=2)
-    frames = [f for f in frames if f.kind in (seedlog.STEP, seedlog.PROJECTION, seedlog.SNAPSHOT)]
-    begin, last = 0, -1
-    if use_snapshots:  # the newest snapshot whose file survived; frames after it are replayed
-        for i in range(len(frames) - 1, -1, -1):
-            snap = frames[i].data
-            if frames[i].kind == seedlog.SNAPSHOT and (log_path.parent / snap["file"]).is_file():
-                load_trainable(engine, log_path.parent / snap["file"])
-                begin, last = i + 1, snap["step"]
-                break
-    projections = sum(1 for f in frames if f.kind == seedlog.PROJECTION)
-    for f in frames[begin:]:
-        rec = f.data
+    last = -1  # steps are numbered by iteration: a rollback does not reuse numbers
+    for f in frames:
         if f.kind == seedlog.STEP:
-            if rec["step"] != last + 1:
-                raise TrainingError(f"seed-log {log_path}: step {rec['step']} follows step {last}")
+            if f.data["step"] != last + 1:
+                raise TrainingError(f"seed-log {log_path}: step {f.data['step']} follows step {last}")
+            last = f.data["step"]
+    projections = sum(1 for f in frames if f.kind == seedlog.PROJECTION)
+    live = seedlog.effective(frames)  # what the weights are made of, rollbacks taken into account
+    begin = 0
+    if use_snapshots:  # the newest snapshot whose file survived; frames after it are replayed
+        for i in range(len(live) - 1, -1, -1):
+            snap = live[i].data
+            if live[i].kind == seedlog.SNAPSHOT and (log_path.parent / snap["file"]).is_file():
+                load_trainable(engine, log_path.parent / snap["file"])
+                begin = i + 1
+                break
+    for f in live[begin:]:
+        rec = f.data
+        if f.kind == seedlog.STEP and rec["seeds"]:
             engine.method.apply(StepRecord(step=rec["step"], seeds=rec["seeds"], grads=rec["grads"], lr=rec["lr"],
                                            weight_decay=rec["wd"]))
-            last = rec["step"]
         elif f.kind == seedlog.PROJECTION:
             from edgezo.dizo import projection_from_frame
 
             engine.method.apply_projection(projection_from_frame(rec))
     if engine.spec["method"] == "dizo":  # every due projection runs, however late: due so far minus done
         engine.pending_projections = max(0, (last + 1) // engine.spec["dizo"]["interval"] - projections)
+    if engine.guard is not None:
+        _replay_guard(engine, frames)
+    return last + 1
+
+
+def _replay_guard(engine: Engine, frames: list) -> None:
+    """The guard's state after the logged steps: it saw exactly these losses and rollbacks before."""
+    guard = DivergenceGuard(rise=engine.guard.rise, span=engine.guard.span, lr_factor=engine.guard.lr_factor)
+    for f in frames:
+        if f.kind == seedlog.STEP:
+            loss = f.data.get("loss")
+            guard.observe(f.data["step"], float("nan") if loss is None else loss)
+        elif f.kind == seedlog.ROLLBACK:
+            guard.rolled_back(Rollback(at=f.data["step"], to=f.data["to"], lr_scale=f.data["lr_scale"]))
+    engine.guard = guard
+    engine.method.lr = engine.spec["optim"]["lr"] * guard.lr_scale
+
+
+def roll_back(engine: Engine, rb: Rollback, writer, events: EventLog) -> None:
+    """Return the weights to the state after step `rb.to` by replaying the seed-log, and slow down."""
+    t0 = time.monotonic()
+    writer.append(seedlog.ROLLBACK, engine.guard.frame(rb), sync=True)
+    with torch.no_grad():
+        for p in engine.params:
+            p.param.copy_(engine.base.get(p))
+    restore(engine, writer.path)  # the ROLLBACK frame is in: the steps after rb.to no longer count,
+    # and the guard is rebuilt from the log (rolled back, lr lowered), as a resume would rebuild it
+    events.emit("rollback", step=rb.at, to=rb.to, lr=engine.method.lr, best_loss=engine.guard.best,
+                seconds=time.monotonic() - t0)
+
+
+def not_replayable_message(job_dir: Path) -> str:
+    return (f"{job_dir} was trained with method: fo, and first-order steps are not replayable from the seed-log "
+            "(an update needs its gradient, not a few scalars); its trained weights are in the job's output "
+            "directory, and its newest snapshot (weights + AdamW state) is under snapshots/ (the seed-log's last "
+            "SNAPSHOT record names it); `edgezo resume` continues from there")
+
+
+def _restore_fo(engine: Engine, log_path: Path, *, use_snapshots: bool) -> int:
+    """FO steps cannot be redone from the log: load the newest snapshot whose weights and AdamW state
+    both survived, cut the steps logged after it from the log (they are run again), return its step + 1."""
+    if not use_snapshots:
+        raise TrainingError(not_replayable_message(log_path.parent))
+    frames, good, _ = seedlog.scan(log_path)  # frames[0] is the header
+    keep, last = (frames[1].offset if len(frames) > 1 else good), -1
+    for i in range(len(frames) - 1, 0, -1):
+        snap = frames[i].data
+        if frames[i].kind != seedlog.SNAPSHOT or "optim" not in snap:
+            continue
+        weights, optim = log_path.parent / snap["file"], log_path.parent / snap["optim"]
+        if weights.is_file() and optim.is_file():
+            from safetensors.torch import load_file
+
+            load_trainable(engine, weights)
+            engine.method.load_state_tensors(load_file(str(optim)))
+            keep, last = (frames[i + 1].offset if i + 1 < len(frames) else good), snap["step"]
+            break
+    seedlog.cut(log_path, keep)
     return last + 1
 
 
@@ -173,11 +263,11 @@ def trainable_state(engine: Engine) -> dict[str, torch.Tensor]:
     return {p.name: p.param.detach().cpu().contiguous() for p in engine.params}
 
 
-def save_trainable(engine: Engine, path: Path) -> None:
+def save_trainable(engine: Engine, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_suffix(".tmp")
-    save_file(trainable_state(engine), str(tmp))
+    save_file(trainable_state(engine) if state is None else state, str(tmp))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -268,12 +358,17 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
             fields = {"task.text_field": spec["task"]["text_field"]}
             check_fields(train_rows, fields, str(train_path))
             train = task.encode(train_rows, str(train_path))
+            first = [train[i] for i in bucketed_batch([len(e.ids) for e in train], spec["batch_size"], 0, spec["seed"])]
+            if getattr(engine.method, "replayable", True):  # fo runs one forward a step: nothing to share
+                task.prefix = shared_prefix(engine, task, first, events)
             evalset = task.encode(eval_rows[: spec["eval_size"]], str(eval_path)) if spec["eval_size"] else []
             log_path = job_dir / "seedlog.ezl"
             (job_dir / "snapshots").mkdir(exist_ok=True)
             if log_path.exists():
                 start = restore(engine, log_path)
                 writer = seedlog.SeedLogWriter.reopen(log_path, spec["fsync_every"])
+                if engine.guard is not None and engine.guard.pending is not None:  # killed between trip and rollback
+                    roll_back(engine, engine.guard.pending, writer, events)
             else:
                 start = 0
                 writer = seedlog.SeedLogWriter.create(log_path, log_header(engine), spec["fsync_every"])
@@ -281,6 +376,35 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
     finally:
         meter.stop()
     return report
+
+
+def shared_prefix(engine: Engine, task, batch, events: EventLog):
+    """A prefix cache when the blocks below the trainable ones are frozen (edgezo/prefix.py), after
+    checking on one batch that a shared perturbed forward gives the full one's loss bit for bit."""
+    from edgezo.models import decoder_of
+    from edgezo.prefix import PrefixCache, decoder_layers, first_trainable_layer
+
+    decoder = decoder_of(engine.model)
+    cut = first_trainable_layer(decoder, engine.params)
+    if cut == 0 or not batch:
+        return None
+    seed, eps = mix(engine.spec["seed"], 0x5EED), engine.spec["optim"]["eps"]
+    with torch.no_grad(), engine.perturber.active(seed, eps):
+        full = task.objective(batch)
+    task.prefix = PrefixCache(decoder, cut)
+    objective = task.step_objective(batch)
+    with torch.no_grad(), engine.perturber.active(seed, eps):
+        shared = objective()
+    objective.done()
+    task.prefix = None
+    if shared != full:
+        import warnings
+
+        warnings.warn(f"frozen-prefix sharing gave loss {shared!r} where the full forward gives {full!r}; "
+                      "running every forward in full", stacklevel=2)
+        return None
+    events.emit("prefix", frozen_blocks=cut, blocks=len(decoder_layers(decoder)))
+    return PrefixCache(decoder, cut)
 
 
 def _evaluate(task, evalset, spec, meter, step: int, events: EventLog, tag: str) -> dict:
@@ -291,7 +415,8 @@ def _evaluate(task, evalset, spec, meter, step: int, events: EventLog, tag: str)
         metrics = task.evaluate(evalset, spec["batch_size"])
     events.emit("eval", step=step, tag=tag, metrics=metrics)
     if events.verbose:
-        print("  " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n"), file=sys.stderr, flush=True)
+        print("  " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("n", "correct")),
+              file=sys.stderr, flush=True)
     return metrics
 
 
@@ -299,6 +424,7 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
            hooks: TrainerHooks, start: int, job_dir: Path, progress: bool) -> dict:
     spec = engine.spec
     total, bs = spec["steps"], spec["batch_size"]
+    lengths = [len(e.ids) for e in train]
     resumed = start > 0
     events.emit("start", steps_total=total, resumed_from=start, device=str(engine.device),
                 trainable_params=sum(p.param.numel() for p in engine.params))
@@ -314,22 +440,47 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
     eval_due = False
     proj_due = engine.pending_projections
     lease_bytes = eval_lease_bytes(engine, bs, spec["max_length"])
+    # method: fo holds one lease, for its whole run (every step is heavy; it covers the evals too).
+    fo = not getattr(engine.method, "replayable", True)
+    step_phase = "fo_step" if fo else "zo_step"
+    tensor_loss = getattr(engine.method, "tensor_loss", False)  # FO descends task.loss, ZO compares objectives
     t0, done_here = time.monotonic(), 0
     step = start
+    fo_leased = False
     try:
+        if fo and step < total:
+            fo_bytes = fo_lease_bytes(engine, bs, spec["max_length"])
+            while not hooks.try_lease("fo_step", fo_bytes):
+                _wait_for_lease(hooks, writer, events, step)
+            fo_leased = True
         while step < total:
-            _obey(hooks, writer, events, step)
-            batch = [train[i] for i in batch_indices(len(train), bs, step, spec["seed"])]
-            with meter.phase("zo_step"):
-                rec = engine.method.step(step, lambda b=batch: task.objective(b))
-            if not all(math.isfinite(g) for g in rec.grads):
-                raise TrainingError(f"step {step}: the loss is not finite (lr {rec.lr}, eps {spec['optim']['eps']}); "
-                                    "lower optim.lr or check the data")
-            writer.append(seedlog.STEP, {"step": step, "seeds": rec.seeds, "grads": rec.grads, "lr": rec.lr,
-                                         "wd": rec.weight_decay, "loss": rec.loss})
+            if _obey(hooks, writer, events, step) == "finish":
+                break
+            batch = [train[i] for i in bucketed_batch(lengths, bs, step, spec["seed"])]
+            objective = task.step_objective(batch)
+            with meter.phase(step_phase):
+                rec = engine.method.step(step, objective.loss if tensor_loss else objective)
+            objective.done()
+            finite = all(math.isfinite(g) for g in rec.grads) and math.isfinite(rec.loss)
+            if not finite and (engine.guard is None or engine.guard.best is None):
+                raise TrainingError(f"step {step}: the loss is not finite (lr {rec.lr}"
+                                    + ("" if fo else f", eps {spec['optim']['eps']}")
+                                    + "); lower optim.lr or check the data")
+            if fo:  # a journal entry, not a redo: FO steps resume from snapshots (see _restore_fo)
+                writer.append(seedlog.STEP, {"step": step, "method": "fo", "replayable": False, "lr": rec.lr,
+                                             "wd": rec.weight_decay, "loss": rec.loss})
+            elif finite:
+                writer.append(seedlog.STEP, {"step": step, "seeds": rec.seeds, "grads": rec.grads, "lr": rec.lr,
+                                             "wd": rec.weight_decay, "loss": rec.loss, **rec.extra})
+            else:  # logged as a step that changes nothing; the rollback below undoes what it did
+                writer.append(seedlog.STEP, {"step": step, "seeds": [], "grads": [], "lr": rec.lr,
+                                             "wd": rec.weight_decay, "loss": None})
+            rb = engine.guard.observe(step, rec.loss if finite else float("nan")) if engine.guard else None
+            if rb is not None:
+                roll_back(engine, rb, writer, events)
             done_here += 1
             rate = done_here / max(1e-9, time.monotonic() - t0)
-            events.emit("step", step=step, loss=rec.loss, lr=rec.lr, steps_per_s=rate)
+            events.emit("step", step=step, loss=rec.loss, lr=rec.lr, steps_per_s=rate, forwards=objective.cost())
             if bar is not None:
                 bar.set_postfix(loss=f"{rec.loss:.4f}", refresh=False)
                 bar.update(1)
@@ -342,31 +493,43 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 _snapshot(engine, writer, job_dir, step - 1, events)
             if evalset and spec["eval_every"] and step % spec["eval_every"] == 0 and step < total:
                 eval_due = True
-            if eval_due and hooks.try_lease("eval", lease_bytes):
+            if evalset and step < total and hooks.eval_wanted(step):
+                eval_due = True
+            if eval_due and (fo or hooks.try_lease("eval", lease_bytes)):
                 try:
                     _evaluate(task, evalset, spec, meter, step, events, "periodic")
                 finally:
-                    hooks.release_lease("eval")
+                    if not fo:
+                        hooks.release_lease("eval")
                 eval_due = False
         # Nothing left to overlap with: wait for the leases, never drop a due projection or the final eval.
         while proj_due and step > 0:
-            batch = [train[i] for i in batch_indices(len(train), bs, step - 1, spec["seed"])]
+            batch = [train[i] for i in bucketed_batch(lengths, bs, step - 1, spec["seed"])]
             if _maybe_project(engine, task, batch, step - 1, writer, events, meter, hooks):
                 proj_due -= 1
             else:
                 _wait_for_lease(hooks, writer, events, step)
-        while evalset and not hooks.try_lease("eval", lease_bytes):
+        while evalset and not fo and not hooks.try_lease("eval", lease_bytes):
             _wait_for_lease(hooks, writer, events, step)
+    except BaseException:
+        if fo_leased:
+            hooks.release_lease("fo_step")
+        raise
     finally:
         if bar is not None:
             bar.close()
         writer.sync()
 
-    if evalset:
-        try:
-            evals["final"] = _evaluate(task, evalset, spec, meter, total, events, "final")
-        finally:
-            hooks.release_lease("eval")
+    try:
+        if evalset:
+            try:
+                evals["final"] = _evaluate(task, evalset, spec, meter, total, events, "final")
+            finally:
+                if not fo:
+                    hooks.release_lease("eval")
+    finally:
+        if fo_leased:
+            hooks.release_lease("fo_step")
     with _phase(meter, events, "export"):
         export(engine, job_dir / spec["output"])
     writer.close()
@@ -393,13 +556,16 @@ def export(engine: Engine, out: Path) -> None:
     engine.tokenizer.save_pretrained(out)
 
 
-def _obey(hooks: TrainerHooks, writer, events: EventLog, step: int) -> None:
+def _obey(hooks: TrainerHooks, writer, events: EventLog, step: int) -> str:
     """Pause or stop at a step boundary when the supervisor says so; the seed-log is the checkpoint."""
     action = hooks.control()
+    if action == "finish":
+        events.emit("finish", step=step)
     if action in ("pause", "stop"):
         writer.sync()
         events.emit("paused" if action == "pause" else "cancelled", step=step)
         raise Paused(step) if action == "pause" else Cancelled(step)
+    return action
 
 
 def _wait_for_lease(hooks: TrainerHooks, writer, events: EventLog, step: int) -> None:
@@ -464,18 +630,45 @@ def projection_lease_bytes(engine: Engine, batch: int, seq: int, meter: MemoryMe
     return estimate
 
 
+def fo_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
+    """What a method: fo run holds over the loaded model, for its whole run: the activations a
+    checkpointed backward keeps (every layer's input, one layer recomputed with what it saves, one
+    layer's working set), or an eval forward if larger, plus gradients and AdamW's two moments for
+    the trainable set (each the size of the trainable tensors)."""
+    cfg = engine.model.config
+    hidden = getattr(cfg, "hidden_size", 768)
+    layers = getattr(cfg, "num_hidden_layers", 12)
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    elem = 2 if engine.spec["precision"] in ("fp16", "bf16") else 4
+    tokens = batch * seq
+    probs = _attn_probs_bytes(cfg, batch, seq)
+    recomputed = tokens * (6 * hidden + 3 * inter) * elem + probs
+    working = tokens * (4 * hidden + 3 * inter) * elem + probs
+    acts = layers * tokens * hidden * elem + recomputed + working
+    trainable = sum(p.param.numel() * p.param.element_size() for p in engine.params)
+    return int(max(acts, eval_lease_bytes(engine, batch, seq)) + 3 * trainable)
+
+
 def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog) -> None:
     name = f"snapshots/step-{step:08d}.safetensors"
+    record = {"step": step, "file": name}
+    state_tensors = getattr(engine.method, "state_tensors", None)
+    if state_tensors is not None:  # method: fo: the AdamW moments, without which resume would diverge
+        record["optim"] = f"snapshots/optim-{step:08d}.safetensors"
+        save_trainable(engine, job_dir / record["optim"], state_tensors())
     save_trainable(engine, job_dir / name)
-    writer.append(seedlog.SNAPSHOT, {"step": step, "file": name}, sync=True)
-    for old in sorted((job_dir / "snapshots").glob("step-*.safetensors"))[:-2]:
-        old.unlink()  # two are enough: the newest, and one in case it is being written
+    writer.append(seedlog.SNAPSHOT, record, sync=True)
+    for pattern in ("step-*.safetensors", "optim-*.safetensors"):
+        for old in sorted((job_dir / "snapshots").glob(pattern))[:-2]:
+            old.unlink()  # two are enough: the newest, and one in case it is being written
     events.emit("snapshot", step=step)
 
 
 def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter: MemoryMeter, steps_done: int,
                  wall: float, steps_here: int, noise: str) -> dict:
-    history = [{"step": e["step"], **e["metrics"]} for e in events.history("eval")]
+    history = [{"step": e["step"], **{k: v for k, v in e["metrics"].items() if k != "correct"}}
+               for e in events.history("eval")]
+    rollbacks = [{k: e[k] for k in ("step", "to", "lr", "best_loss")} for e in events.history("rollback")]
     return {
         "name": spec["name"],
         "status": "done",
@@ -485,10 +678,12 @@ def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter
         "model": spec["model"],
         "precision": spec["precision"],
         "noise": noise,  # the stream the seed-log pins (the spec may say auto)
-        "metrics": {"zero_shot": evals.get("zero_shot"), "final": evals.get("final"), "history": history},
+        "metrics": {"zero_shot": evals.get("zero_shot"), "final": evals.get("final"), "history": history,
+                    "gain": accuracy_gain(evals.get("zero_shot"), evals.get("final"))},
         "timing": {"wall_s": wall, "steps_this_run": steps_here,
                    "steps_per_s": steps_here / wall if wall > 0 else None},
         "memory": meter.summary(),
+        "guard": {"rollbacks": len(rollbacks), "events": rollbacks},  # never a silent return to worse weights
         "output": str(job_dir / spec["output"]),
     }
 

@@ -132,7 +132,8 @@ def _describe(kind: str, data: dict, hooks: DaemonHooks) -> str:
         return (f"step {int(data.get('step', 0)) + 1}/{hooks.steps_total or '?'} loss {data.get('loss', float('nan')):.4f}"
                 + (f" {rate:.2f} steps/s" if rate else ""))
     if kind == "eval":
-        return f"eval at step {data.get('step')}: {json.dumps(data.get('metrics'))}"
+        shown = {k: v for k, v in (data.get("metrics") or {}).items() if k != "correct"}
+        return f"eval at step {data.get('step')}: {json.dumps(shown)}"
     if kind == "done":
         return "done"
     return f"{kind} {json.dumps(_jsonable(data))[:300]}"

@@ -7,6 +7,7 @@ lr), which is what makes replay and resume cheap and exact.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,4 +104,41 @@ class MeZO(ZOMethod):
                 self.perturber.noise.update(self.params, s, alpha)
 
 
-METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO}
+class FZOO(MeZO):
+    """Normalised one-sided estimator over N directions (in the spirit of FZOO, Dang et al., 2025).
+
+    One unperturbed loss L₀ and N perturbed ones Lₖ = L(θ + ε·zₖ); each direction's coefficient is
+    (Lₖ − L₀)/σ with σ the spread (sample std) of the N perturbed losses, and the update is
+    θ ← θ − lr/N · Σₖ coefₖ·zₖ. Dividing by σ makes the step scale-free: the coefficients are O(1)
+    whatever the loss's scale or ε, so lr is a distance in units of z and needs no grid over decades.
+    The record holds the coefficients (and σ, L₀ for the audit), so the update replays exactly as
+    MeZO's does. With a frozen prefix (edgezo/prefix.py) L₀ costs the one full forward of the step
+    and each direction only the trainable top of the network.
+    """
+
+    name = "fzoo"
+
+    @torch.no_grad()
+    def step(self, step: int, loss_fn: LossFn) -> StepRecord:
+        base = getattr(loss_fn, "base", None)
+        l0 = base() if base is not None else loss_fn()
+        seeds, losses = [], []
+        for k in range(self.q):
+            s = step_seed(self.seed, step, k)
+            with self.perturber.active(s, +self.eps):
+                losses.append(loss_fn())
+            seeds.append(s)
+        mean = sum(losses) / len(losses)
+        spread = math.sqrt(sum((v - mean) ** 2 for v in losses) / max(1, len(losses) - 1))
+        if not math.isfinite(spread) or spread <= 1e-12 * max(1.0, abs(l0)):
+            grads = [0.0 if math.isfinite(v - l0) else v - l0 for v in losses]  # flat: no step; NaN: caller stops
+        else:
+            grads = [(v - l0) / spread for v in losses]
+        rec = StepRecord(step=step, seeds=seeds, grads=grads,
+                         lr=lr_at(step, self.lr, self.total, self.schedule), weight_decay=self.wd,
+                         loss=l0, extra={"spread": spread})
+        self.apply(rec)
+        return rec
+
+
+METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO, "fzoo": FZOO}

@@ -95,6 +95,12 @@ def estimate(
         "projection": acts * max(int(cfg.get("num_hidden_layers", 12)) // 2, 1),
         "export": weights,
     }
+    if method == "fo":  # backprop with checkpointing: every layer's input kept, one layer recomputed, then
+        # gradients and AdamW's two moments for the trainable set; the run holds it as one `fo_step` lease
+        n_layers = int(cfg.get("num_hidden_layers", 12))
+        h = int(cfg.get("hidden_size", 768))
+        trainable_bytes = int(weights * trainable_frac) if trainable != "lora" else int(weights * 0.01)
+        heavy["fo_step"] = n_layers * batch_size * max_length * h * nbytes + 2 * acts + 3 * trainable_bytes
     return Footprint(params, weights, acts, runtime, steady, heavy)
 
 

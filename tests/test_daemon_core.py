@@ -331,3 +331,18 @@ def test_after_its_last_heavy_phase_a_job_shows_it_is_finishing(core):
     core.worker_event(job, "phase", {"phase": "eval", "state": "begin"})
     core.worker_event(job, "phase", {"phase": "eval", "state": "end"})
     assert job.phase == "export"
+
+
+def test_a_phase_shorter_than_the_sampling_interval_still_shows_in_the_memory_report(core):
+    """CI saw a tiny job's `zo_step` stretches fall between two 0.5 s samples, so its report had no
+    `zo_step` entry. No sampling loop runs here: every sample comes from a phase ending."""
+    job = _running(core, "a", 1.0, pid=os.getpid())
+    core.worker_event(job, "start", {"steps_total": 4, "resumed_from": 0})
+    core.worker_event(job, "step", {"step": 0})
+    core.worker_event(job, "phase", {"phase": "eval", "state": "begin"})
+    core.worker_event(job, "phase", {"phase": "eval", "state": "end"})
+    core.worker_event(job, "phase", {"phase": "eval", "state": "begin"})  # zo_step again: sampled already
+    core.worker_event(job, "phase", {"phase": "eval", "state": "end"})
+    phases = [p for _, _, p in core.store.samples("a")]
+    assert phases == ["zo_step", "eval"]
+    assert memory_summary(core.store.samples("a"))["phases"]["zo_step"]["peak_bytes"] > 0

@@ -74,3 +74,24 @@ def test_classification_never_computes_full_vocabulary_logits(tiny_model_dir, tm
     ex = task.encode(read_rows(spec["task"]["train"], "task.train")[:4], "train")
     assert task.logits(ex).shape == (4, 2)
     assert not calls
+
+
+def test_bucketed_batches_are_pure_disjoint_and_pad_little():
+    import random
+
+    from edgezo.data import bucketed_batch
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 64) for _ in range(3000)]
+    bs = 16
+    epoch = [bucketed_batch(lengths, bs, s, seed=3) for s in range(len(lengths) // bs)]
+    flat = [i for b in epoch for i in b]
+    assert len(flat) == len(set(flat)) == (len(lengths) // bs) * bs  # an epoch draws each sentence once at most
+    assert all(len(b) == bs for b in epoch)
+    assert bucketed_batch(lengths, bs, 7, seed=3) == bucketed_batch(list(lengths), bs, 7, seed=3)
+    assert bucketed_batch(lengths, bs, 7, seed=3) != bucketed_batch(lengths, bs, 7, seed=4)
+    assert bucketed_batch(lengths, bs, 0, seed=3) != bucketed_batch(lengths, bs, len(epoch), seed=3)  # next epoch
+    padded = sum(bs * max(lengths[i] for i in b) for b in epoch) / sum(lengths[i] for b in epoch for i in b)
+    assert padded < 1.1  # random batches of these lengths pad to about 1.6x
+    means = [sum(lengths[i] for i in b) / bs for b in epoch[:20]]
+    assert max(means) - min(means) > 20  # short and long batches still come in random order

@@ -1,0 +1,125 @@
+"""Frozen-prefix sharing: compute the layers below the first trainable one once per step.
+
+When only the top layers of a decoder are trainable (e.g. `trainable: top2`), every perturbed
+forward of a step recomputes the same frozen bottom of the network on the same batch. Here the
+bottom runs once, unperturbed (which also gives the step's unperturbed loss), its output is kept,
+and each perturbed forward runs only from the first trainable layer up: the frozen layers answer
+with the kept output instead of computing. Nothing about the result changes — the suffix sees
+bit-identical inputs — so a step costs one full forward plus N short ones instead of N full ones.
+
+Sharing is only used when it is provably exact: no trainable tensor in an embedding table (a tied
+lm_head is one) or in a layer below the cut. The trainer checks it once on the first batch
+anyway (a shared and a full perturbed forward must give the same loss, bit for bit) and turns
+sharing off with a warning otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from edgezo.noise import ZOParam
+
+
+def decoder_layers(decoder: nn.Module) -> nn.ModuleList | None:
+    """The list of transformer blocks the decoder loops over (Llama/Qwen `layers`, OPT `decoder.layers`,
+    GPT-2 `h`): the longest ModuleList among its modules."""
+    best: nn.ModuleList | None = None
+    for m in decoder.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > (len(best) if best is not None else 0):
+            best = m
+    return best
+
+
+def first_trainable_layer(decoder: nn.Module, params: list[ZOParam]) -> int:
+    """Index of the lowest block holding a trainable tensor; 0 when sharing is impossible (a trainable
+    embedding, or no block list), len(layers) when only tensors above the blocks train (final norm)."""
+    layers = decoder_layers(decoder)
+    if layers is None:
+        return 0
+    where: dict[int, int] = {}
+    for i, block in enumerate(layers):
+        for t in block.parameters():
+            where.setdefault(id(t), i)
+    cut = len(layers)
+    for p in params:
+        if any(isinstance(m, nn.Embedding) for m, _ in p.owners):
+            return 0
+        i = where.get(id(p.param))
+        if i is not None:
+            cut = min(cut, i)
+    return cut
+
+
+class PrefixCache:
+    """Keeps the output of the frozen blocks [0, cut) for one batch; replays it for perturbed forwards."""
+
+    def __init__(self, decoder: nn.Module, cut: int):
+        layers = decoder_layers(decoder)
+        if layers is None or not 0 < cut:
+            raise ValueError("no frozen prefix to share")
+        self.frozen = list(layers[:cut])
+        self.cut, self.blocks = cut, len(layers)
+        self.key: torch.Tensor | None = None  # the input ids the kept output belongs to
+        self.kept = None
+
+    def clear(self) -> None:
+        self.key, self.kept = None, None
+
+    def holds(self, ids: torch.Tensor) -> bool:
+        return self.key is not None and self.key.shape == ids.shape and bool(torch.equal(self.key, ids))
+
+    @contextmanager
+    def capturing(self, ids: torch.Tensor) -> Iterator[None]:
+        """The forward inside runs in full; the last frozen block's output is kept for `ids`."""
+        def grab(module, args, output):
+            self.kept = output
+
+        handle = self.frozen[-1].register_forward_hook(grab)
+        try:
+            yield
+        finally:
+            handle.remove()
+        self.key = ids.detach().clone()
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """The forward inside skips the frozen blocks: each answers with the kept output (only the last
+        one's answer reaches the first trainable block)."""
+        kept = self.kept
+
+        def answer(*args, **kwargs):
+            return kept
+
+        for block in self.frozen:
+            block.forward = answer  # instance attribute: nn.Module.__call__ looks it up first
+        try:
+            yield
+        finally:
+            for block in self.frozen:
+                del block.forward
+
+
+def top_patterns(model: nn.Module, decoder: nn.Module, k: int) -> list[str]:
+    """`trainable: topK`: the names of every tensor in the last K blocks and of the tensors above the
+    blocks (the final norm), never an embedding table or a (tied) lm_head."""
+    layers = decoder_layers(decoder)
+    if layers is None:
+        raise ValueError("trainable: topK needs a decoder with a list of blocks")
+    if k > len(layers):
+        raise ValueError(f"trainable: top{k} asks for more blocks than the model has ({len(layers)})")
+    top = {id(t) for block in layers[len(layers) - k:] for t in block.parameters()}
+    inside = {id(t) for block in layers for t in block.parameters()}
+    embeddings = {id(t) for m in model.modules() if isinstance(m, nn.Embedding) for t in m.parameters()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = {id(t) for t in head.parameters()} if head is not None else set()
+    decoder_ids = {id(t) for t in decoder.parameters()}
+    names = []
+    for name, t in model.named_parameters():
+        if id(t) in top or (id(t) in decoder_ids and id(t) not in inside and id(t) not in embeddings
+                            and id(t) not in heads):
+            names.append(name)
+    return names
