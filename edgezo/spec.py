@@ -222,6 +222,10 @@ def _validate_fo(spec: dict, given: dict) -> None:
         raise SpecError("guard.rise", "the divergence guard rolls back by replaying logged ZO steps, and fo's "
                         "backprop steps cannot be replayed; leave guard out (it is off for fo)")
     spec["guard"]["rise"] = 0.0
+    if spec["optim"]["directions"] != "dense":
+        raise SpecError("optim.directions", "method: fo follows the gradient, not perturbation directions, so "
+                        f"{spec['optim']['directions']} directions would change nothing it computes; leave "
+                        "optim.directions out (or dense) with fo")
     if spec["trainable"] == "scales":
         raise SpecError("trainable", "method: fo differentiates the trainable set, and bitsandbytes' int8 matmul "
                         "has no gradient for its row scales; use trainable: lora with precision: int8")

@@ -269,3 +269,13 @@ def test_resume_refuses_a_log_with_other_directions(tmp_path, tiny_spec_dict):
     with pytest.raises(TrainingError, match="written with dense directions, but the spec asks for lowrank "
                                             r"directions of rank 2 \(optim.directions/optim.rank"):
         run_job(job)
+
+
+def test_fo_refuses_lowrank_directions_naming_the_field(tiny_spec_dict):
+    with pytest.raises(SpecError) as e:
+        load_spec({**tiny_spec_dict, "method": "fo", "optim": {"lr": 1e-3, "directions": "lowrank"}})
+    assert e.value.field == "optim.directions" and "'optim.directions'" in str(e.value)
+    # dense directions (rank is meaningless to them) are fine, and hash as if never given
+    fo = load_spec({**tiny_spec_dict, "method": "fo", "optim": {"lr": 1e-3, "rank": 4}})
+    assert fo["optim"]["directions"] == "dense"
+    assert spec_hash(fo) == spec_hash(load_spec({**tiny_spec_dict, "method": "fo", "optim": {"lr": 1e-3}}))
