@@ -4,23 +4,33 @@ the forward; exactness, equivalence to materialised weights, replay/resume, spec
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from edgezo import seedlog
+from edgezo import seedlog, trainer
 from edgezo.cli import main as cli_main
 from edgezo.data import read_rows
+from edgezo.hooks import TrainerHooks
 from edgezo.lowrank import LowRankDirections, add_lowrank_into, factors, lowrank_eligible
 from edgezo.models import load
 from edgezo.noise import TorchNoise, add_noise_into, mix
 from edgezo.perturb import Perturber, collect_params
 from edgezo.spec import SpecError, load_spec, spec_hash
 from edgezo.tasks import make_task
-from edgezo.trainer import TrainingError, prepare_job_dir, run_job
-from edgezo.zo import MeZO, StepRecord
+from edgezo.trainer import (
+    EventLog,
+    Paused,
+    TrainingError,
+    build_engine,
+    prepare_job_dir,
+    run_job,
+    shared_prefix,
+)
+from edgezo.zo import FZOO, MeZO, StepRecord, step_seed
 from tests.tiny import job_weights, same_tensors, tiny_spec
 
 
@@ -107,19 +117,30 @@ def test_perturbed_forward_equals_materialised_weights(tiny_model_dir, tmp_path,
     spec, model, params, pert, task, ex = _setup(tiny_model_dir, tmp_path, rank=rank)
     with pert.active(1234, 1e-2):
         hooked = task.objective(ex[:8])
-    clone = copy.deepcopy(model)
-    cparams = collect_params(clone, None)
-    with torch.no_grad():
-        for p, cp in zip(params, cparams):
-            if pert.noise.is_lowrank(p):
-                u, v = factors(p, 1234, rank)
-                cp.param.add_(1e-2 * (u.T @ v) / math.sqrt(rank))  # explicit W + α·U·Vᵀ/√r
-            else:
-                add_noise_into(cp.param.data, cp, 1234, 1e-2)
-    ctask = make_task(spec["task"], clone, task.tok, Perturber(cparams), 32, torch.device("cpu"))
-    explicit = ctask.objective(ex[:8])
+    explicit = _materialised_objective(spec, model, pert, task, ex[:8], 1234, 1e-2)
     assert hooked == pytest.approx(explicit, rel=1e-5, abs=1e-6)
     assert abs(hooked - task.objective(ex[:8])) > 1e-5
+
+
+def _materialised_objective(spec, model, pert, task, batch, seed: int, alpha: float) -> float:
+    """The objective of a copy of the model holding W + α·U·Vᵀ/√r for the low-rank weights and θ + αz
+    for the dense rest, run with no perturber: what the hooks must compute, to fp32 tolerance."""
+    clone = copy.deepcopy(model)
+    cparams = collect_params(clone, None)
+    by_name = {p.name: p for p in pert.params}
+    rank = pert.noise.rank
+    with torch.no_grad():
+        for cp in cparams:
+            p = by_name.get(cp.name)
+            if p is None:
+                continue
+            if pert.noise.is_lowrank(p):
+                u, v = factors(p, seed, rank)
+                cp.param.add_(alpha * (u.T @ v) / math.sqrt(rank))  # explicit W + α·U·Vᵀ/√r
+            else:
+                add_noise_into(cp.param.data, p, seed, alpha, src=cp.param.detach())  # in place
+    ctask = make_task(spec["task"], clone, task.tok, Perturber(cparams), 32, torch.device("cpu"))
+    return ctask.objective(batch)
 
 
 def test_rows_and_full_equal_the_materialised_lowrank_weight():
@@ -269,6 +290,154 @@ def test_resume_refuses_a_log_with_other_directions(tmp_path, tiny_spec_dict):
     with pytest.raises(TrainingError, match="written with dense directions, but the spec asks for lowrank "
                                             r"directions of rank 2 \(optim.directions/optim.rank"):
         run_job(job)
+
+
+# --- with what main gained: fzoo, topK's shared prefix, the divergence guard, method: fo ----------
+
+
+def _events(job, kind: str) -> list[dict]:
+    return [e for e in map(json.loads, (job / "events.jsonl").read_text().splitlines()) if e["kind"] == kind]
+
+
+def _replayed(tmp_path, job, name: str) -> dict:
+    from safetensors.torch import load_file
+
+    assert cli_main(["replay", str(job), "--out", str(tmp_path / name), "--from-base"]) == 0
+    out = {}
+    for f in (tmp_path / name).glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
+
+
+class _PauseAt(TrainerHooks):
+    def __init__(self, step: int):
+        self.step, self.seen = step, 0
+
+    def on_event(self, kind, data):
+        if kind == "step":
+            self.seen += 1
+
+    def control(self):
+        return "pause" if self.seen >= self.step else "run"
+
+
+def test_fzoo_perturbs_and_updates_along_lowrank_directions(tiny_model_dir, tmp_path):
+    """fzoo's N one-sided forwards go through the low-rank hooks (each loss is the materialised
+    W + ε·U·Vᵀ/√r model's), and its update (MeZO.apply, as replay runs it) is the low-rank one, exactly."""
+    spec, model, params, pert, task, ex = _setup(tiny_model_dir, tmp_path, rank=2)
+    batch, eps = ex[:8], 1e-2
+    method = FZOO(params, pert, lr=1e-2, eps=eps, perturbations=3, seed=5)
+    seeds = [step_seed(5, 0, k) for k in range(3)]
+    explicit = [_materialised_objective(spec, model, pert, task, batch, s, eps) for s in seeds]
+    before = _state(params)
+    rec = method.step(0, task.step_objective(batch))
+    assert rec.seeds == seeds
+    spread = rec.extra["spread"]
+    for g, want in zip(rec.grads, explicit):
+        assert rec.loss + g * spread == pytest.approx(want, rel=1e-5, abs=1e-6)
+    for p in params:
+        expect = before[p.name].clone()
+        for s, g in zip(rec.seeds, rec.grads):
+            alpha = -rec.lr * g / len(rec.seeds)
+            if pert.noise.is_lowrank(p):
+                add_lowrank_into(expect, p, s, alpha, 2, src=expect)
+            else:
+                add_noise_into(expect, p, s, alpha, src=expect)
+        assert torch.equal(p.param, expect), p.name
+
+
+FZOO_LOWRANK = dict(method="fzoo", steps=8, snapshot_every=3, eval_size=0,
+                    optim={"lr": 0.01, "eps": 1e-3, "perturbations": 4, "directions": "lowrank", "rank": 2})
+
+
+@pytest.mark.parametrize("trainable", ["full", "top1"])
+def test_fzoo_replay_and_resume_are_bit_exact(tmp_path, tiny_spec_dict, trainable):
+    """fzoo over low-rank directions: the trained weights replay from the base, and a paused job
+    resumes to the uninterrupted run's weights; on top1 the shared prefix passes its self-check."""
+    kw = {**FZOO_LOWRANK, "trainable": trainable}
+    ref = prepare_job_dir(tmp_path / "ref", load_spec({**tiny_spec_dict, **kw}))
+    run_job(ref)
+    header = seedlog.read(ref / "seedlog.ezl")[0]
+    assert header["method"] == "fzoo" and header["directions"] == "lowrank" and header["rank"] == 2
+    assert bool(_events(ref, "prefix")) == (trainable == "top1")
+    trained = job_weights(ref)
+    assert same_tensors(trained, _replayed(tmp_path, ref, "replayed"))
+
+    dense = prepare_job_dir(tmp_path / "dense", load_spec({**tiny_spec_dict, **kw,
+                                                           "optim": {**kw["optim"], "directions": "dense"}}))
+    run_job(dense)
+    assert not same_tensors(trained, job_weights(dense))
+
+    job = prepare_job_dir(tmp_path / "paused", load_spec({**tiny_spec_dict, **kw}))
+    with pytest.raises(Paused):
+        run_job(job, _PauseAt(5))
+    run_job(job)
+    assert same_tensors(trained, job_weights(job))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_shared_prefix_gives_the_full_lowrank_losses_bit_for_bit(tiny_spec_dict, tmp_path, precision):
+    """topK + lowrank: only the top block's Linear layers carry low-rank hooks, so the frozen bottom's
+    kept output feeds the same perturbed top as a full forward does, bit for bit."""
+    spec = load_spec({**tiny_spec_dict, "trainable": "top1", "precision": precision,
+                      "optim": {**tiny_spec_dict["optim"], "directions": "lowrank", "rank": 2}})
+    engine = build_engine(spec)
+    assert isinstance(engine.perturber.noise, LowRankDirections)
+    low = [p.name for p in engine.params if engine.perturber.noise.is_lowrank(p)]
+    assert low and all(n.startswith("model.layers.1.") for n in low)
+    task = make_task(spec["task"], engine.model, engine.tokenizer, engine.perturber, spec["max_length"],
+                     engine.device)
+    batch = task.encode(read_rows(spec["task"]["train"], "t")[:4], "t")
+    prefix = shared_prefix(engine, task, batch, EventLog(tmp_path / "events.jsonl", TrainerHooks()))
+    assert prefix is not None and prefix.cut == 1
+    with torch.no_grad():
+        full = [task.objective(batch)]
+        for seed in (3, 4):
+            with engine.perturber.active(seed, 1e-2):
+                full.append(task.objective(batch))
+        task.prefix = prefix
+        objective = task.step_objective(batch)
+        shared = [objective.base()]
+        for seed in (3, 4):
+            with engine.perturber.active(seed, 1e-2):
+                shared.append(objective())
+    assert shared == full and objective.forwards == 1
+    assert full[1] != full[0]  # the low-rank term reached the top block
+
+
+def test_top1_lowrank_with_the_prefix_cache_equals_a_run_without_it(tmp_path, tiny_spec_dict, monkeypatch):
+    spec = load_spec({**tiny_spec_dict, **FZOO_LOWRANK, "trainable": "top1"})
+    cached = prepare_job_dir(tmp_path / "cached", spec)
+    run_job(cached)
+    assert _events(cached, "prefix")[0]["frozen_blocks"] == 1
+    monkeypatch.setattr(trainer, "shared_prefix", lambda *a, **k: None)
+    plain = prepare_job_dir(tmp_path / "plain", spec)
+    run_job(plain)
+    assert not _events(plain, "prefix")
+    assert same_tensors(job_weights(cached), job_weights(plain))
+    losses = lambda j: [e["loss"] for e in _events(j, "step")]  # noqa: E731
+    assert losses(cached) == losses(plain)
+
+
+def test_guard_rollback_and_resume_are_bit_exact_with_lowrank(tmp_path, tiny_spec_dict):
+    """A forced divergence trips the guard; roll_back rebuilds the weights from the base through the
+    low-rank update, so replay and a resume across the rollback give the uninterrupted run's weights."""
+    kw = dict(method="fzoo", trainable="full", steps=24, eval_size=0, snapshot_every=0,
+              optim={"lr": 3.0, "eps": 1e-3, "perturbations": 4, "directions": "lowrank", "rank": 1},
+              guard={"rise": 0.1, "span": 4, "lr_factor": 0.25})
+    ref = prepare_job_dir(tmp_path / "ref", load_spec({**tiny_spec_dict, **kw}))
+    run_job(ref)
+    rollbacks = _events(ref, "rollback")
+    assert rollbacks, "lr 3.0 along rank-1 directions should have diverged and tripped the guard"
+    trained = job_weights(ref)
+    assert same_tensors(trained, _replayed(tmp_path, ref, "replayed"))
+
+    job = prepare_job_dir(tmp_path / "paused", load_spec({**tiny_spec_dict, **kw}))
+    with pytest.raises(Paused):
+        run_job(job, _PauseAt(rollbacks[0]["step"] + 2))
+    run_job(job)
+    assert same_tensors(trained, job_weights(job))
+    assert [e["step"] for e in _events(job, "rollback")] == [e["step"] for e in rollbacks]
 
 
 def test_fo_refuses_lowrank_directions_naming_the_field(tiny_spec_dict):
