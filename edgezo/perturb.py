@@ -5,8 +5,10 @@ perturb/restore (θ+εz, −2εz, +εz) rounds differently each time and drifts,
 weights for a perturbation: a forward pre-hook on each module that owns trainable parameters swaps
 in θ + s·ε·z for the duration of that module's forward, built from a small pooled buffer, and puts
 the real parameter back afterwards. Embedding tables (large, mostly unused per batch) are not
-materialised: only the looked-up rows get their noise, added to the module's output. Where z comes
-from is the noise stream's business (edgezo/noise.py).
+materialised: only the looked-up rows get their noise, added to the module's output. With low-rank
+directions (`directions="lowrank"`, edgezo/lowrank.py) a Linear's weight is not swapped either: a
+forward hook adds α·((x·V)·Uᵀ)/√r to its output. Where z comes from is the business of `noise`, the
+noise stream (edgezo/noise.py) or the direction kind around it (edgezo/lowrank.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from edgezo.lowrank import with_directions
 from edgezo.noise import Noise, TorchNoise, ZOParam
 
 
@@ -42,10 +45,15 @@ class ScratchPool:
 
 
 class Perturber:
-    """Installs the hooks once; `active(seed, alpha)` turns the perturbation on for a forward."""
+    """Installs the hooks once; `active(seed, alpha)` turns the perturbation on for a forward.
 
-    def __init__(self, params: list[ZOParam], noise: Noise | None = None):
+    `directions` ("dense" | "lowrank") and `rank` fix the direction kind for the Perturber's life;
+    assigning a stream to `noise` later (resume adopting the logged stream) keeps the kind."""
+
+    def __init__(self, params: list[ZOParam], noise: Noise | None = None, directions: str = "dense",
+                 rank: int = 1):
         self.params = params
+        self.directions, self.rank = directions, rank
         self.noise = noise or TorchNoise()
         self.seed: int | None = None
         self.alpha = 0.0
@@ -57,12 +65,23 @@ class Perturber:
         for p in params:
             for module, attr in p.owners:
                 owned.setdefault(module, []).append((attr, p))
+        is_lowrank = getattr(self.noise, "is_lowrank", lambda p: False)
         for module, attrs in owned.items():
             if type(module) is nn.Embedding and module.max_norm is None and [a for a, _ in attrs] == ["weight"]:
                 self._handles.append(module.register_forward_hook(self._embedding_hook(attrs[0][1])))
             else:
-                self._handles.append(module.register_forward_pre_hook(self._swap_in(module, attrs)))
-                self._handles.append(module.register_forward_hook(self._swap_out(module, attrs)))
+                low = [(a, p) for a, p in attrs if is_lowrank(p)]  # a plain Linear's weight, at most one
+                self._handles.append(module.register_forward_pre_hook(self._swap_in(module, attrs, low)))
+                self._handles.append(module.register_forward_hook(self._swap_out(module, attrs, low)))
+
+    @property
+    def noise(self):
+        """What perturbs and updates: the dense noise stream, or the low-rank kind around it."""
+        return self._noise
+
+    @noise.setter
+    def noise(self, stream) -> None:
+        self._noise = with_directions(self.directions, stream, self.params, self.rank)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -132,10 +151,13 @@ class Perturber:
 
         return hook
 
-    def _swap_in(self, module: nn.Module, attrs: list[tuple[str, ZOParam]]):
+    def _swap_in(self, module: nn.Module, attrs: list[tuple[str, ZOParam]], low: list[tuple[str, ZOParam]]):
+        low_attrs = {a for a, _ in low}
+        swapped = [(a, p) for a, p in attrs if a not in low_attrs]  # low-rank weights stay in place
+
         def hook(mod: nn.Module, args: tuple) -> None:
             if self.seed is not None:
-                for attr, p in attrs:
+                for attr, p in swapped:
                     buf = self.noise.add_into(self.pool.take(p.param), p, self.seed, self.alpha)
                     mod._parameters[attr] = buf  # plain tensor for this forward only
             elif self.override is not None:
@@ -146,14 +168,19 @@ class Perturber:
 
         return hook
 
-    def _swap_out(self, module: nn.Module, attrs: list[tuple[str, ZOParam]]):
-        def hook(mod: nn.Module, args: tuple, output) -> None:
+    def _swap_out(self, module: nn.Module, attrs: list[tuple[str, ZOParam]], low: list[tuple[str, ZOParam]]):
+        def hook(mod: nn.Module, args: tuple, output):
             for attr, p in attrs:
                 cur = mod._parameters[attr]
                 if cur is not p.param:
                     mod._parameters[attr] = p.param
                     if self.seed is not None:
                         self.pool.give(cur)
+            if self.seed is not None and low and args:
+                for _, p in low:
+                    output = self.noise.forward_term(p, self.seed, self.alpha, args[0], output)
+                return output
+            return None
 
         return hook
 

@@ -22,6 +22,7 @@ TASK_TYPES = ("classification", "generation")
 SCHEDULES = ("constant", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 NOISE = ("auto", "torch", "philox")
+DIRECTIONS = ("dense", "lowrank")  # edgezo/lowrank.py (kept here too: this module stays torch-free)
 TRAINABLE_SETS = ("full", "lora", "scales")  # or topK (the last K blocks and the final norm), or name patterns
 TOP_K = re.compile(r"top([1-9][0-9]{0,3})")
 
@@ -32,7 +33,9 @@ DEFAULTS: dict[str, Any] = {
     "trainable": "full",
     "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
     "method": "mezo",
-    "optim": {"lr": 1.0e-5, "eps": 1.0e-3, "weight_decay": 0.0, "perturbations": 1, "schedule": "constant"},
+    "optim": {"lr": 1.0e-5, "eps": 1.0e-3, "weight_decay": 0.0, "perturbations": 1, "schedule": "constant",
+              "directions": "dense",  # dense | lowrank: z = U·Vᵀ/√r per Linear weight (edgezo/lowrank.py)
+              "rank": 1},  # r of lowrank directions
     "dizo": {
         "interval": 50,
         "projection": "zo",
@@ -224,6 +227,10 @@ def _validate_fo(spec: dict, given: dict) -> None:
         raise SpecError("guard.rise", "the divergence guard rolls back by replaying logged ZO steps, and fo's "
                         "backprop steps cannot be replayed; leave guard out (it is off for fo)")
     spec["guard"]["rise"] = 0.0
+    if spec["optim"]["directions"] != "dense":
+        raise SpecError("optim.directions", "method: fo follows the gradient, not perturbation directions, so "
+                        f"{spec['optim']['directions']} directions would change nothing it computes; leave "
+                        "optim.directions out (or dense) with fo")
     if spec["trainable"] == "scales":
         raise SpecError("trainable", "method: fo differentiates the trainable set, and bitsandbytes' int8 matmul "
                         "has no gradient for its row scales; use trainable: lora with precision: int8")
@@ -282,6 +289,8 @@ def validate(given: dict) -> dict:
     _num(spec, "optim.weight_decay", lo=0.0)
     _num(spec, "optim.perturbations", kind=int, lo=1)
     _choice(spec, "optim.schedule", SCHEDULES)
+    _choice(spec, "optim.directions", DIRECTIONS)
+    _num(spec, "optim.rank", kind=int, lo=1)
     if spec["method"] == "fzoo" and spec["optim"]["perturbations"] < 2:
         raise SpecError("optim.perturbations", "fzoo scales its step by the spread of the perturbed losses, so it "
                         f"needs at least 2 directions per step (8-16 is typical), got {spec['optim']['perturbations']}")
@@ -366,8 +375,13 @@ def load_spec(source: str | Path | dict, sets: list[str] | None = None) -> dict:
 def spec_hash(spec: dict) -> str:
     """Stable hash of the fields that change what training computes (not name/window/budget).
 
-    `noise` is left out: "auto" resolves per machine, and the seed-log header pins the stream used."""
+    `noise` is left out: "auto" resolves per machine, and the seed-log header pins the stream used.
+    `optim.directions`/`optim.rank` count only for lowrank directions (rank means nothing to dense
+    ones), so a dense spec hashes as it did before those fields existed and older logs still resume."""
     keep = {k: v for k, v in spec.items()
             if k not in ("name", "window", "budget", "output", "fsync_every", "noise")}
+    optim = keep.get("optim")
+    if isinstance(optim, dict) and optim.get("directions", "dense") == "dense":
+        keep["optim"] = {k: v for k, v in optim.items() if k not in ("directions", "rank")}
     blob = json.dumps(keep, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()

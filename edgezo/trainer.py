@@ -92,11 +92,12 @@ def build_engine(spec: dict) -> Engine:
     params = collect_params(model, patterns)
     if not params:
         raise TrainingError(f"trainable: no parameter name matches {spec['trainable']}")
+    o = spec["optim"]
     try:
-        perturber = Perturber(params, make_noise(spec.get("noise", "auto"), device))
+        perturber = Perturber(params, make_noise(spec.get("noise", "auto"), device),
+                              directions=o.get("directions", "dense"), rank=o.get("rank", 1))
     except NoiseUnavailable as e:
         raise TrainingError(f"noise: {e}") from None
-    o = spec["optim"]
     common = dict(lr=o["lr"], eps=o["eps"], weight_decay=o["weight_decay"], perturbations=o["perturbations"],
                   schedule=o["schedule"], total_steps=spec["steps"], seed=spec["seed"])
     if spec["method"] == "fo":  # the first-order baseline: AdamW through a backward, same loop
@@ -131,6 +132,8 @@ def log_header(engine: Engine) -> dict:
         "device": engine.device.type,
         "method": engine.spec["method"],
         "noise": engine.perturber.noise.name,
+        "directions": engine.perturber.directions,
+        "rank": engine.perturber.rank if engine.perturber.directions == "lowrank" else None,
         "torch": torch.__version__,
         "params": [[p.name, list(p.param.shape)] for p in engine.params],
         "created": time.time(),
@@ -141,6 +144,15 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
     """Bring the engine's weights to the last logged step. Returns the next step to run."""
     header, frames = seedlog.read(log_path)
     mine = log_header(engine)
+    logged_dirs = (header.get("directions", "dense"), header.get("rank"))  # older logs: dense
+    if logged_dirs != (mine["directions"], mine["rank"]):
+        def say(kind, rank):
+            return f"{kind} directions" + (f" of rank {rank}" if kind == "lowrank" else "")
+
+        raise TrainingError(f"seed-log {log_path} was written with {say(*logged_dirs)}, but the spec asks for "
+                            f"{say(mine['directions'], mine['rank'])} (optim.directions/optim.rank, which the "
+                            "spec hash covers too): the same seeds would give different directions; refusing "
+                            "to resume onto it")
     for key in ("spec_hash", "base_model_hash", "dtype"):
         if header.get(key) != mine[key]:
             raise TrainingError(f"seed-log {log_path} was written for a different {key.replace('_', ' ')} "
