@@ -37,7 +37,7 @@ from policies import memory as mem
 from . import sdnotify, windows
 from .leases import Lease, LeaseBroker
 from .monitor import DeviceState, Monitor
-from .store import ACTIVE, FINAL, Job, Store
+from .store import ACTIVE, FINAL, Job, Store, StoreCorrupt
 
 log = logging.getLogger("edgezo.daemon")
 
@@ -86,6 +86,7 @@ def _pid_is_worker(pid: int, job_id: str) -> bool:
     return b"edgezo.worker" in cmd and job_id.encode() in cmd
 
 
+_JOB_SEQ = re.compile(r"-([0-9]{1,12})$")  # job ids are {name}-{seq}
 _PHASE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _EVENT_FIELDS: dict[str, tuple[type, ...]] = {  # what the daemon reads from a worker's event, and its types
     "steps_total": (int,), "resumed_from": (int, type(None)), "step": (int,),
@@ -158,6 +159,7 @@ class Daemon:
         self.last_loop_error = ""
         self._loop_error_logged = 0.0
         self._sampled: dict[str, set[str]] = {}  # job -> the phases its memory samples cover
+        self._seq_floor = 0  # the highest job number any job directory carries (see _adopt_orphans)
         self._acc: dict[str, list] = {}  # job -> [peak, area, duration, (last ts, last bytes)]
 
     # ------------------------------------------------------------------ lifecycle
@@ -169,12 +171,43 @@ class Daemon:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SystemExit(f"another edgezo daemon holds {self.state_dir}") from None
-        self.store = Store(self.state_dir / "edgezo.db")
+        try:
+            self.store = Store(self.state_dir / "edgezo.db")
+        except StoreCorrupt as e:
+            raise SystemExit(str(e)) from None
         self.device = self.monitor.sample(time.time(), {})
         self.budget = self.cfg.budget or int(self.device.total * 0.9)
         for job in self.store.load_jobs():
             self.jobs[job.id] = job
+        self._adopt_orphans()
         self._recover()
+
+    def _adopt_orphans(self) -> None:
+        """Job directories the store does not know (a lost or rolled-back database) come back as jobs:
+        done when their report says so, otherwise failed with a reason, never run by surprise. Their
+        ids are never handed out again (a new job once picked up an old job's seed-log)."""
+        for d in sorted(self.jobs_dir.iterdir()):
+            m = _JOB_SEQ.search(d.name)
+            if m:
+                self._seq_floor = max(self._seq_floor, int(m.group(1)))
+            if d.name in self.jobs or not m or not (d / "spec.json").is_file():
+                continue
+            try:
+                spec = json.loads((d / "spec.json").read_text())
+                report = json.loads((d / "report.json").read_text()) if (d / "report.json").is_file() else {}
+            except (OSError, ValueError) as e:
+                log.warning("job directory %s is not in the store and unreadable (%s); left alone", d, e)
+                continue
+            done = report.get("status") == "done"
+            job = Job(id=d.name, seq=int(m.group(1)), name=str(spec.get("name", d.name)), spec=spec, job_dir=str(d),
+                      created=d.stat().st_mtime, state="done" if done else "failed",
+                      steps_total=int(spec.get("steps", 0) or 0), step=int(report.get("steps_done", 0) or 0),
+                      reason="" if done else "adopted from its job directory after the store lost it; "
+                      "`edgezo retry` resumes it from its seed-log")
+            self.jobs[job.id] = job
+            self._save(job)
+            self._event(job, "adopted", {"job_dir": str(d), "report": bool(report)})
+            log.warning("job %s was missing from the store; adopted from %s as %s", job.id, d, job.state)
 
     def _recover(self) -> None:
         """Jobs that were running when the previous daemon died resume from their seed-logs."""
@@ -318,10 +351,11 @@ class Daemon:
         spec["window"] = window
         self._check_own_budget(spec)
         assert self.store is not None
-        seq = self.store.next_seq()
+        seq = max(self.store.next_seq(), self._seq_floor + 1)  # never an id a job directory already had
         job_id = f"{spec['name']}-{seq}"
         job_dir = self.jobs_dir / job_id
-        job_dir.mkdir(parents=True, exist_ok=True)
+        job_dir.mkdir(parents=True, exist_ok=False)
+        self._seq_floor = seq
         (job_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
         now = time.time()
         job = Job(id=job_id, seq=seq, name=spec["name"], spec=spec, job_dir=str(job_dir), created=now,
@@ -374,10 +408,25 @@ class Daemon:
         return job
 
     def _check_own_budget(self, spec: dict) -> None:
-        """A job allotted more than the whole device budget would wait forever: refuse it now."""
-        if spec.get("budget") and self.budget and int(spec["budget"]) > self.budget:
-            raise SpecError("budget", f"{mem.fmt_bytes(int(spec['budget']))} is more than this daemon's whole "
-                            f"budget ({mem.fmt_bytes(self.budget)}); lower it or start the daemon with a larger --budget")
+        """A job that needs more than the whole device budget would wait forever, and every job queued
+        after it behind it: refuse it now, with the numbers. A declared `budget` is the job's own word
+        (and the way past an estimate that is too cautious); without one, the model-based estimate."""
+        if not self.budget:
+            return
+        if spec.get("budget"):
+            if int(spec["budget"]) > self.budget:
+                raise SpecError("budget", f"{mem.fmt_bytes(int(spec['budget']))} is more than this daemon's whole "
+                                f"budget ({mem.fmt_bytes(self.budget)}); lower it or start the daemon with a larger "
+                                "--budget")
+            return
+        fp = self.estimate(spec)
+        if fp.steady > self.budget:
+            raise SpecError("model", f"this job is estimated to need {mem.fmt_bytes(fp.steady)} (weights "
+                            f"{mem.fmt_bytes(fp.weights)}, one forward at batch_size {spec['batch_size']} and max_length "
+                            f"{spec['max_length']} {mem.fmt_bytes(fp.activations)}, runtime {mem.fmt_bytes(fp.runtime)}), "
+                            f"more than this daemon's whole budget ({mem.fmt_bytes(self.budget)}); lower batch_size or "
+                            "max_length, train in int8 with lora, start the daemon with a larger --budget, or declare "
+                            "`budget:` if you know it fits")
 
     def retry(self, job: Job, budget: str | None = None) -> Job:
         """Queue a failed or cancelled job again; its worker resumes from the seed-log, so no step

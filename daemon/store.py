@@ -6,8 +6,11 @@ every change; events and samples are appended and read back for logs, reports an
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sqlite3
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -76,13 +79,37 @@ class Job:
 _JOB_FIELDS = {f.name for f in fields(Job)}
 
 
+class StoreCorrupt(RuntimeError):
+    """The database failed SQLite's own check; the daemon refuses to run on it (it would lose or
+    mix up jobs) and says where the copy of the damaged files is."""
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            (verdict,) = self.db.execute("PRAGMA quick_check(1)").fetchone()
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(verdict)
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            with contextlib.suppress(Exception):
+                self.db.close()
+            saved = self._keep_damaged_copy()
+            raise StoreCorrupt(f"the job store {self.path} is damaged ({e}); a copy is in {saved}. Move "
+                               f"{self.path.name}* aside to start with an empty store: job directories are kept "
+                               "and adopted again (as failed jobs you can `edgezo retry`)") from None
+
+    def _keep_damaged_copy(self) -> Path:
+        out = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+        out.mkdir(exist_ok=True)
+        for f in self.path.parent.glob(self.path.name + "*"):
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
+        return out
 
     def close(self) -> None:
         self.db.close()

@@ -397,3 +397,64 @@ def test_the_loop_logs_a_failing_iteration_and_keeps_serving(core, monkeypatch):
         return await task
 
     assert asyncio.run(asyncio.wait_for(run_for_a_while(), 20)) == 0
+
+
+def test_a_job_estimated_above_the_whole_budget_is_refused_at_enqueue_with_the_numbers(core):
+    """Only a declared budget was checked: one job bigger than the device waited forever, and every
+    job queued after it waited behind it (issue 12, item 4)."""
+    from edgezo.spec import SpecError
+
+    with pytest.raises(SpecError) as e:
+        core.enqueue({"name": "huge", "batch_size": 4096, "max_length": 2048})
+    assert e.value.field == "model" and "batch_size 4096" in str(e.value) and "1000.0 MiB" in str(e.value)
+    assert not core.jobs
+    small = core.enqueue({"name": "fits", **FITS})
+    assert small.state == "queued" and small.estimate <= 1000 * MiB
+    declared = core.enqueue({"name": "mine", "batch_size": 4096, "max_length": 2048, "budget": "900MiB"})
+    assert declared.estimate == 900 * MiB  # a declared budget is the job's own word
+
+
+FITS = {"batch_size": 1, "max_length": 32}  # the packaged default model at this size is estimated under 1000 MiB
+
+
+def _reopen(tmp_path) -> Daemon:
+    d = Daemon(Config(state_dir=tmp_path / "state", socket_path=tmp_path / "s.sock", budget=1000 * MiB, reserve=0))
+    d.open()
+    return d
+
+
+def test_a_lost_store_adopts_job_directories_and_never_reuses_their_ids(core, tmp_path):
+    """A 0-byte DB started empty and reused job ids: a new job picked up an old job's seed-log and was
+    'done' with 0 steps (issue 12, item 5)."""
+    first = core.enqueue({"name": "rt", **FITS})
+    assert first.id == "rt-1"
+    core.store.close()
+    fcntl.flock(core._lock_fd, fcntl.LOCK_UN)
+    for f in (tmp_path / "state").glob("edgezo.db*"):
+        f.unlink()
+    (tmp_path / "state" / "edgezo.db").write_bytes(b"")
+    d = _reopen(tmp_path)
+    try:
+        adopted = d.jobs["rt-1"]
+        assert adopted.state == "failed" and "adopted from its job directory" in adopted.reason
+        assert [e["kind"] for e in d.store.events("rt-1")] == ["adopted"]
+        assert d.enqueue({"name": "rt", **FITS}).id == "rt-2"
+    finally:
+        d.store.close()
+
+
+def test_a_damaged_store_is_refused_with_a_copy_kept(core, tmp_path):
+    core.enqueue({"name": "rt", **FITS})
+    core.store.close()
+    fcntl.flock(core._lock_fd, fcntl.LOCK_UN)
+    db = tmp_path / "state" / "edgezo.db"
+    raw = bytearray(db.read_bytes())
+    raw[4096:8192] = os.urandom(4096)  # a page of the jobs table
+    db.write_bytes(bytes(raw))
+    for f in (tmp_path / "state").glob("edgezo.db-*"):
+        f.unlink()
+    with pytest.raises(SystemExit) as e:
+        _reopen(tmp_path)
+    assert "is damaged" in str(e.value) and "edgezo retry" in str(e.value)
+    copies = list((tmp_path / "state").glob("edgezo.db.damaged-*/edgezo.db"))
+    assert len(copies) == 1 and copies[0].read_bytes() == bytes(raw)
