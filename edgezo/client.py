@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,16 @@ class DaemonNotRunning(ConnectionError):
         self.path = path
         super().__init__(f"no edgezo daemon at {path}: start one with `edgezo daemon --user`"
                          + (f" ({cause})" if cause and not isinstance(cause, FileNotFoundError) else ""))
+
+
+class DaemonUnresponsive(DaemonNotRunning):
+    """The daemon is there but did not answer: a stall past the timeout, or a listen backlog that stayed
+    full. The connection is dropped, so the next request starts clean (a timed-out one left mid-request
+    once made every later call raise CannotSendRequest)."""
+
+    def __init__(self, path: Path, cause: BaseException | None = None):
+        self.path = path
+        ConnectionError.__init__(self, f"the edgezo daemon at {path} did not answer ({cause or 'timed out'})")
 
 
 class ApiError(RuntimeError):
@@ -104,7 +115,9 @@ class Client:
     def raw(self, method: str, path: str, body: Any = None) -> tuple[int, str, bytes]:
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        for attempt in (0, 1):
+        deadline = time.monotonic() + (self.timeout or 30.0)
+        backoff, reconnected = 0.01, False
+        while True:
             conn = self._connection()
             try:
                 conn.request(method, path, body=payload, headers=headers)
@@ -112,18 +125,29 @@ class Client:
                 data = resp.read()
                 if resp.getheader("Connection", "").lower() == "close":
                     self.close()
+                if resp.getheader("Retry-After") and time.monotonic() + backoff <= deadline:  # over its connection cap
+                    self.close()
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 0.25)
+                    continue
                 return resp.status, resp.getheader("Content-Type", ""), data
-            except (FileNotFoundError, ConnectionRefusedError) as e:
+            except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
                 self.close()
                 raise DaemonNotRunning(self.path, e) from None
+            except BlockingIOError:  # the listen backlog is full (a burst of clients): nothing was sent
+                self.close()
+                if time.monotonic() + backoff > deadline:
+                    raise DaemonUnresponsive(self.path, "its listen backlog stayed full") from None
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 0.25)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
                 self.close()  # a kept-alive connection the daemon closed: retry once on a fresh one
-                if attempt:
+                if reconnected:
                     raise DaemonNotRunning(self.path, e) from None
-            except PermissionError as e:
+                reconnected = True
+            except (OSError, http.client.HTTPException) as e:  # a timeout, or a garbled answer
                 self.close()
-                raise DaemonNotRunning(self.path, e) from None
-        raise AssertionError("unreachable")
+                raise DaemonUnresponsive(self.path, e) from None
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         status, ctype, data = self.raw(method, path, body)

@@ -88,7 +88,10 @@ class DaemonHooks(TrainerHooks):
         client = Client(self.socket_path, timeout=5)
         try:
             while not self._stop.wait(self.heartbeat_s):
-                self._post("POST", f"/jobs/{self.job_id}/heartbeat", {"pid": os.getpid()}, client=client)
+                try:  # the heartbeat outlives any one failure: a 7 s daemon stall once ended it for good
+                    self._post("POST", f"/jobs/{self.job_id}/heartbeat", {"pid": os.getpid()}, client=client)
+                except Exception as e:
+                    self._say(f"heartbeat failed, retrying: {type(e).__name__}: {e}")
         finally:
             client.close()
 
