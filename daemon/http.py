@@ -22,6 +22,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 log = logging.getLogger("edgezo.daemon.http")
 
 MAX_BODY = 4 * 1024 * 1024
+MAX_HEADERS = 100  # per request; one client once raised the daemon's RSS from 36 to 212 MiB with a flood
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+IDLE_S = 600.0  # a kept-alive connection waits this long for its next request line
+READ_S = 30.0  # once a request has begun, its headers and body must arrive within this
+BACKLOG = 1024  # pending connects the kernel queues (asyncio's default of 100 refused 1-31 % of a 200-client burst)
+MAX_CONNECTIONS = 1000  # open at once; beyond it a new connection gets a 503 (each holds a file descriptor)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class Response:
     body: Any = None  # JSON-able, or str for text
     content_type: str = "application/json"
     stream: AsyncIterator[bytes] | None = None
+    headers: dict[str, str] | None = None  # extra response headers, e.g. Retry-After
 
 
 class HTTPError(Exception):
@@ -101,14 +108,18 @@ def peer_credentials(sock: socket.socket | None) -> Peer | None:
 class Server:
     """Serves a Router on already-listening sockets."""
 
-    def __init__(self, router: Router, authorize: Callable[[Peer | None], bool]):
+    def __init__(self, router: Router, authorize: Callable[[Peer | None], bool], *,
+                 max_connections: int = MAX_CONNECTIONS):
         self.router, self.authorize = router, authorize
         self.servers: list[asyncio.AbstractServer] = []
         self.requests = 0
+        self.connections = 0  # open now
+        self.max_connections = max_connections
+        self.refused = 0  # connections answered 503 for being over max_connections
 
     async def serve(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        self.servers.append(await asyncio.start_unix_server(self._connection, sock=sock))
+        self.servers.append(await asyncio.start_unix_server(self._connection, sock=sock, backlog=BACKLOG))
 
     async def close(self) -> None:
         for s in self.servers:
@@ -121,25 +132,36 @@ class Server:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_credentials(writer.get_extra_info("socket"))
+        self.connections += 1
         try:
+            if self.connections > self.max_connections:
+                self.refused += 1
+                try:  # read the request first: closing on unread bytes resets the connection before our answer
+                    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 1.0)
+                except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                    pass
+                await self._write(writer, Response(503, {"error": f"too many connections ({self.max_connections} "
+                                                               "open); retry shortly"}, headers={"Retry-After": "1"}), False)
+                return
             while True:
                 keep = await self._one(reader, writer, peer)
                 if not keep:
                     break
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+            pass  # a client that went away, or went quiet past IDLE_S / READ_S
         except asyncio.CancelledError:
             raise
         except Exception:  # a broken connection must never take the daemon down
             log.exception("connection error")
         finally:
+            self.connections -= 1
             try:
                 writer.close()
             except Exception:
                 pass
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer | None) -> bool:
-        line = await reader.readline()
+        line = await asyncio.wait_for(reader.readline(), IDLE_S)
         if not line:
             return False
         try:
@@ -147,18 +169,11 @@ class Server:
         except ValueError:
             await self._write(writer, Response(400, {"error": "bad request line"}), False)
             return False
-        headers: dict[str, str] = {}
-        while True:
-            h = await reader.readline()
-            if h in (b"\r\n", b"\n", b""):
-                break
-            k, _, v = h.decode("latin-1").partition(":")
-            headers[k.strip().lower()] = v.strip()
-        length = int(headers.get("content-length") or 0)
-        if length > MAX_BODY:
-            await self._write(writer, Response(413, {"error": "body too large"}), False)
+        try:
+            headers, body = await asyncio.wait_for(self._head_and_body(reader, len(line)), READ_S)
+        except HTTPError as e:
+            await self._write(writer, Response(e.status, {"error": e.message}), False)
             return False
-        body = await reader.readexactly(length) if length else b""
         keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         url = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -183,6 +198,29 @@ class Server:
         return keep
 
     @staticmethod
+    async def _head_and_body(reader: asyncio.StreamReader, used: int) -> tuple[dict[str, str], bytes]:
+        """Headers (bounded in count and bytes) and a Content-Length body; HTTPError says what is wrong."""
+        headers: dict[str, str] = {}
+        while True:
+            h = await reader.readline()
+            if h in (b"\r\n", b"\n", b""):
+                break
+            used += len(h)
+            if len(headers) >= MAX_HEADERS or used > MAX_HEAD_BYTES:
+                raise HTTPError(431, f"too many or too large headers (at most {MAX_HEADERS}, {MAX_HEAD_BYTES} bytes)")
+            k, _, v = h.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            raise HTTPError(501, "chunked request bodies are not supported; send Content-Length")
+        raw = headers.get("content-length") or "0"
+        if not raw.isdigit():
+            raise HTTPError(400, f"bad Content-Length {raw[:40]!r}")
+        length = int(raw)
+        if length > MAX_BODY:
+            raise HTTPError(413, f"body too large (at most {MAX_BODY} bytes)")
+        return headers, (await reader.readexactly(length) if length else b"")
+
+    @staticmethod
     def _head(status: int, content_type: str, extra: dict[str, str]) -> bytes:
         reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
         lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}"]
@@ -199,7 +237,8 @@ class Server:
         head = self._head(
             resp.status,
             resp.content_type,
-            {"Content-Length": str(len(payload)), "Connection": "keep-alive" if keep else "close"},
+            {"Content-Length": str(len(payload)), "Connection": "keep-alive" if keep else "close",
+             **(resp.headers or {})},
         )
         writer.write(head + payload)
         await writer.drain()

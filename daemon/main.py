@@ -7,13 +7,14 @@ import contextlib
 import grp
 import logging
 import os
+import resource
 import socket
 from pathlib import Path
 
 from . import sdnotify
 from .api import build_router
 from .core import Config, Daemon
-from .http import Server
+from .http import BACKLOG, MAX_CONNECTIONS, Server
 
 log = logging.getLogger("edgezo.daemon")
 
@@ -50,8 +51,21 @@ def bind_socket(path: Path, group: str = "edgezo") -> socket.socket:
     os.chmod(path, 0o660)
     with contextlib.suppress(KeyError, PermissionError):
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
-    sock.listen(128)
+    sock.listen(BACKLOG)
     return sock
+
+
+def _connection_cap() -> int:
+    """Raise the soft file-descriptor limit to the hard one (a user-mode daemon starts at 1024, which
+    ~1,100 idle clients exhausted) and keep the connection cap under it, with room for the store,
+    the workers' pipes and /proc reads."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    return max(16, min(MAX_CONNECTIONS, soft - 128))
 
 
 def serve(cfg: Config) -> int:
@@ -69,7 +83,7 @@ def serve(cfg: Config) -> int:
         log.info("socket activation: %d inherited socket(s)", len(socks))
     else:
         socks = [bind_socket(cfg.socket_path, cfg.socket_group)]
-    server = Server(build_router(daemon), daemon.authorize)
+    server = Server(build_router(daemon), daemon.authorize, max_connections=_connection_cap())
 
     async def main() -> int:
         return await daemon.run(socks, server)
