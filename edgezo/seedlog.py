@@ -7,7 +7,9 @@ per ZO step, one PROJECTION frame per DiZO projection, a SNAPSHOT frame each tim
 the trainable tensors was written (which bounds replay time), and a ROLLBACK frame when the
 divergence guard returned the weights to an earlier step (the frames after that step no longer
 count; see `effective`). A torn tail (power loss mid-write) fails
-its length or CRC check: it is dropped with a warning and everything before it stands.
+its length or CRC check: it is dropped with a warning and everything before it stands. A damaged
+frame with intact frames after it is not a torn tail but corruption: reading stops with a
+SeedLogError that says where, and nothing is dropped or truncated.
 """
 
 from __future__ import annotations
@@ -69,7 +71,24 @@ def scan(path: Path) -> tuple[list[Frame], int, int]:
             break
         frames.append(Frame(kind, json.loads(blob[off + _FRAME.size : end - _CRC.size]), off))
         off = end
+    if off < len(blob) and (later := _next_intact(blob, off)) is not None:
+        raise SeedLogError(f"{path}: the frame at offset {off} is damaged but intact frames follow it (the next "
+                           f"at offset {later}), so this is corruption, not a torn tail; nothing was dropped and "
+                           f"the file is left as it is. To give up every step from there on (they are redone), "
+                           f"`truncate -s {off} {path}` and resume")
     return frames, off, len(blob)
+
+
+def _next_intact(blob: bytes, bad: int) -> int | None:
+    """Offset of the first intact frame that starts after the damaged one at `bad`, if any. Payloads are
+    compact JSON, which never holds the bytes 1-5 that start a frame, so few offsets need a CRC."""
+    for p in range(bad + 1, len(blob) - _FRAME.size - _CRC.size + 1):
+        kind, length = _FRAME.unpack_from(blob, p)
+        end = p + _FRAME.size + length + _CRC.size
+        if kind in KINDS and end <= len(blob) and \
+                _CRC.unpack_from(blob, end - _CRC.size)[0] == zlib.crc32(blob[p : end - _CRC.size]):
+            return p
+    return None
 
 
 def read(path: Path) -> tuple[dict, list[Frame]]:

@@ -63,3 +63,21 @@ def test_not_a_seedlog(tmp_path):
     p.write_bytes(b"hello")
     with pytest.raises(seedlog.SeedLogError, match="bad magic"):
         seedlog.read(p)
+
+
+@pytest.mark.parametrize("where", ["payload", "length"])
+def test_a_damaged_frame_in_the_middle_is_corruption_and_nothing_is_dropped(tmp_path, where):
+    """It used to be taken for a torn tail: every later step was discarded with only a warning, and a
+    reopen truncated them away (issue 12, item 8)."""
+    path = tmp_path / "log.ezl"
+    _write(path)
+    _, frames = seedlog.read(path)
+    third = frames[2].offset  # step 2 of 0..4
+    data = bytearray(path.read_bytes())
+    data[third + (10 if where == "payload" else 2)] ^= 0x55
+    path.write_bytes(bytes(data))
+    with pytest.raises(seedlog.SeedLogError, match=f"frame at offset {third} is damaged but intact frames follow"):
+        seedlog.read(path)
+    with pytest.raises(seedlog.SeedLogError, match=f"truncate -s {third} "):
+        seedlog.SeedLogWriter.reopen(path)
+    assert path.read_bytes() == bytes(data)  # kept for inspection, byte for byte
