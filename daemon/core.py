@@ -29,12 +29,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgezo.spec import SpecError, load_spec
+from edgezo.spec import SpecError, load_spec, spec_paths
 from policies import admission
 from policies import leases as lease_policy
 from policies import memory as mem
 
-from . import sdnotify, windows
+from . import access, sdnotify, windows
 from .leases import Lease, LeaseBroker
 from .monitor import DeviceState, Monitor
 from .store import ACTIVE, FINAL, Job, Store, StoreCorrupt
@@ -350,6 +350,7 @@ class Daemon:
                     raise SpecError(field, str(e)) from None
         spec["window"] = window
         self._check_own_budget(spec)
+        self._check_access(spec, owner_uid)
         assert self.store is not None
         seq = max(self.store.next_seq(), self._seq_floor + 1)  # never an id a job directory already had
         job_id = f"{spec['name']}-{seq}"
@@ -406,6 +407,16 @@ class Daemon:
         self._save(job)
         self.wake()
         return job
+
+    @staticmethod
+    def _check_access(spec: dict, uid: int | None) -> None:
+        """The worker reads the spec's files as the daemon's user: only for a caller who could read them."""
+        if uid is None or uid == os.geteuid():
+            return
+        for field, path in spec_paths(spec):
+            if not access.readable_by(path, uid):
+                raise SpecError(field, f"{path}: you (uid {uid}) cannot read it, or it does not exist; the daemon "
+                                "reads only files its caller could read")
 
     def _check_own_budget(self, spec: dict) -> None:
         """A job that needs more than the whole device budget would wait forever, and every job queued

@@ -71,6 +71,7 @@ def _connection_cap() -> int:
 def serve(cfg: Config) -> int:
     logging.basicConfig(level=os.environ.get("EDGEZO_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.umask(0o027)  # job directories 0750, files 0640: the socket's group may read outputs, others nothing
     inherited = sdnotify.listen_fds()
     daemon = Daemon(cfg)
     daemon.open()

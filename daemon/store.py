@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sqlite3
 import time
@@ -87,6 +88,10 @@ class StoreCorrupt(RuntimeError):
 class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # every spec and reason: the owner's only
+        for f in (self.path, self.path.with_name(self.path.name + "-wal"), self.path.with_name(self.path.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f, 0o600)  # SQLite gives the -wal and -shm files the database file's mode
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")

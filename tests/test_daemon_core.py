@@ -7,6 +7,7 @@ import fcntl
 import os
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -458,3 +459,57 @@ def test_a_damaged_store_is_refused_with_a_copy_kept(core, tmp_path):
     assert "is damaged" in str(e.value) and "edgezo retry" in str(e.value)
     copies = list((tmp_path / "state").glob("edgezo.db.damaged-*/edgezo.db"))
     assert len(copies) == 1 and copies[0].read_bytes() == bytes(raw)
+
+
+@pytest.fixture
+def open_dir():
+    """A directory everyone may search (pytest's tmp_path sits under a 0700 one)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="edgezo-access-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+def test_files_a_caller_could_not_read_are_refused_at_enqueue(core, open_dir):
+    """The worker opened data paths with the daemon's privileges and its errors echoed their content:
+    a socket-group member could read files only the daemon's user may (issue 12, item 3)."""
+    from daemon.access import readable_by
+    from edgezo.spec import SpecError
+
+    other = 65534 if os.geteuid() != 65534 else 65533  # nobody
+    public, private = open_dir / "public.jsonl", open_dir / "private.jsonl"
+    for f, mode in ((public, 0o644), (private, 0o600)):
+        f.write_text('{"text": "fine", "label": 1}\n')
+        f.chmod(mode)
+    closed = open_dir / "closed"
+    closed.mkdir(mode=0o700)
+    (closed / "rows.jsonl").write_text('{"text": "fine", "label": 1}\n')
+    (closed / "rows.jsonl").chmod(0o644)
+    link = open_dir / "link.jsonl"
+    link.symlink_to(private)
+    assert readable_by(public, other) and not readable_by(private, other)
+    assert not readable_by(closed / "rows.jsonl", other) and not readable_by(closed, other)
+    assert not readable_by(link, other) and not readable_by(open_dir / "missing", other)
+    assert readable_by(private, 0)  # root reads everything
+    for path in (private, link, closed / "rows.jsonl"):
+        with pytest.raises(SpecError) as e:
+            core.enqueue({"name": "peek", **FITS, "task": {"train": str(path)}}, owner_uid=other)
+        assert e.value.field == "task.train" and f"uid {other}" in str(e.value)
+    assert not core.jobs
+    ok = core.enqueue({"name": "mine", **FITS, "task": {"train": str(public)}}, owner_uid=other)
+    assert ok.state == "queued"
+    if os.geteuid() == 0:  # a file the caller owns is theirs to read, whatever its group or others bits say
+        os.chown(private, other, -1)
+        assert readable_by(private, other)
+
+
+def test_the_store_is_readable_by_the_daemons_user_only(core, tmp_path):
+    """It was 0644: every spec and failure reason, world-readable (issue 12, item 3)."""
+    core.enqueue({"name": "rt", **FITS})
+    files = list((tmp_path / "state").glob("edgezo.db*"))
+    assert {f.name for f in files} >= {"edgezo.db", "edgezo.db-wal"}
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o600, f

@@ -89,6 +89,9 @@ def test_three_jobs_two_fit_all_finish_with_memory_reports(daemon, spec_for):
     health = d.client().health()
     assert health["torch_loaded"] is False
     assert "libtorch" not in Path(f"/proc/{d.proc.pid}/maps").read_text()
+    job_dir = Path(d.job(ids[0])["job_dir"])  # nothing a job writes is readable by others (issue 12, item 3)
+    for f in [job_dir, *job_dir.rglob("*")]:
+        assert f.stat().st_mode & 0o007 == 0, f
 
 
 def test_daemon_kill9_and_restart_resumes_from_the_seed_log(daemon, spec_for):
