@@ -112,17 +112,41 @@ def cmd_enqueue(args) -> int:
         from edgezo.cli import DEFAULT_SPEC
 
         raw = read_spec_file(args.spec if args.spec != "default" else DEFAULT_SPEC)
-        load_spec(raw, args.set)  # validate before bothering the daemon
+        raw = _absolute_paths(raw, Path(args.spec).parent if args.spec != "default" else Path.cwd())
+        sets = _absolute_sets(args.set or [])
+        _check_paths(load_spec(raw, sets))  # validate before bothering the daemon
     except SpecError as e:
         return _fail(str(e), 2)
-    raw = _absolute_paths(raw, Path(args.spec).parent if args.spec != "default" else Path.cwd())
-    job = _client(args).enqueue(raw, sets=args.set, window=args.window, at=args.at)
+    job = _client(args).enqueue(raw, sets=sets, window=args.window, at=args.at)
     if args.json:
         print(json.dumps(job, indent=2))
     else:
         extra = f" ({job['reason']})" if job.get("reason") else ""
         print(f"{job['id']} queued: needs ~{fmt_bytes(job.get('need_bytes'))}{extra}")
     return 0
+
+
+def _absolute_sets(sets: list[str]) -> list[str]:
+    """A relative path given with --set is relative to where the user typed it, not to the daemon."""
+    from edgezo.spec import PATH_FIELDS
+
+    out = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() in PATH_FIELDS and value not in ("", "default") and not Path(value).is_absolute():
+            item = f"{key}={Path(value).resolve()}"
+        out.append(item)
+    return out
+
+
+def _check_paths(spec: dict) -> None:
+    """A model or data path that does not exist would only fail later, in the worker: name it now."""
+    from edgezo.spec import SpecError, spec_paths
+
+    for field, value in spec_paths(spec):
+        if not Path(value).exists():
+            raise SpecError(field, f"{value} does not exist (paths are read on this machine; a relative one is "
+                            "relative to the spec file, or to this directory when given with --set)")
 
 
 def _absolute_paths(raw: dict, base: Path) -> dict:

@@ -24,7 +24,25 @@ DEVICES = ("auto", "cpu", "cuda")
 NOISE = ("auto", "torch", "philox")
 DIRECTIONS = ("dense", "lowrank")  # edgezo/lowrank.py (kept here too: this module stays torch-free)
 TRAINABLE_SETS = ("full", "lora", "scales")  # or topK (the last K blocks and the final norm), or name patterns
-TOP_K = re.compile(r"top([1-9][0-9]{0,3})")
+PATH_FIELDS = ("model", "task.train", "task.eval")  # local paths, or "default" for the packaged assets
+
+
+def spec_paths(spec: dict) -> list[tuple[str, str]]:
+    """(field, path) for every local path a spec names; "default" (the packaged assets) is left out."""
+    out = []
+    for field in PATH_FIELDS:
+        value: Any = spec
+        for part in field.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str) and value not in ("", "default"):
+            out.append((field, value))
+    return out
+
+
+# what a job directory holds besides the output: an output of the same name would overwrite it
+JOB_FILES = frozenset({"events.jsonl", "failure.json", "report.json", "seedlog.ezl", "snapshots", "spec.json",
+                       "synthetic.log", "worker.log"})
+TOP_K = re.compile(r"top(0|[1-9][0-9]{0,3})")  # top0: the final norm alone
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -266,8 +284,8 @@ def validate(given: dict) -> dict:
     trainable = spec["trainable"]
     if isinstance(trainable, str) and re.fullmatch(r"top[0-9]+", trainable.lower()) and not TOP_K.fullmatch(
             trainable.lower()):
-        raise SpecError("trainable", f"topK trains the last K blocks and the final norm; K must be 1 or more, "
-                        f"got {trainable!r}")
+        raise SpecError("trainable", f"topK trains the last K blocks and the final norm (top0: the final norm "
+                        f"alone); K is a whole number without leading zeros, got {trainable!r}")
     if isinstance(trainable, str) and (trainable.lower() in TRAINABLE_SETS or TOP_K.fullmatch(trainable.lower())):
         spec["trainable"] = trainable.lower()
     else:
@@ -362,6 +380,9 @@ def validate(given: dict) -> dict:
     out = spec["output"] or name
     if not isinstance(out, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", out):
         raise SpecError("output", f"a plain name that stays inside the job directory, got {out!r}")
+    if out in JOB_FILES or out.endswith(".tmp"):
+        raise SpecError("output", f"{out!r} is the name of one of the job's own files ({', '.join(sorted(JOB_FILES))}); "
+                        "choose another output (or name)")
     spec["output"] = out
     return spec
 

@@ -86,9 +86,9 @@ class DaemonProc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, timeout: float = 30, cwd: Path | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "edgezo.daemon_cli", *args, "--socket", str(self.socket)],
-                              capture_output=True, text=True, env=self.env, timeout=timeout)
+                              capture_output=True, text=True, env=self.env, timeout=timeout, cwd=cwd)
 
     def curl(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["curl", "-sS", "--unix-socket", str(self.socket), *args],

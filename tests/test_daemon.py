@@ -77,6 +77,24 @@ def test_bad_spec_is_rejected_naming_the_field(daemon_factory, tmp_path):
     assert r.returncode == 2 and "batch_size" in r.stderr
 
 
+def test_enqueue_resolves_set_paths_where_typed_and_names_missing_ones(daemon_factory, tmp_path):
+    """A relative --set path was resolved in the daemon's directory, and a path that did not exist was
+    accepted and failed later in the worker (issue 12, item 7)."""
+    d = daemon_factory().start()
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "mine.jsonl").write_text('{"text": "fine", "label": 1}\n')
+    r = d.cli("enqueue", "default", "--set", "task.train=nope.jsonl", cwd=here)
+    assert r.returncode == 2 and "task.train" in r.stderr and f"{here / 'nope.jsonl'} does not exist" in r.stderr
+    r = d.cli("enqueue", "default", "--set", "model=./no-model-dir", cwd=here)
+    assert r.returncode == 2 and "'model'" in r.stderr
+    assert d.client().jobs()["jobs"] == []  # nothing was queued
+    r = d.cli("enqueue", "default", "--set", "task.train=mine.jsonl", "--set", "steps=1", "--json", cwd=here)
+    assert r.returncode == 0, r.stderr
+    job = d.job(json.loads(r.stdout)["id"])
+    assert job["spec"]["task"]["train"] == str(here / "mine.jsonl")
+
+
 def test_admission_waits_then_starts_the_third(daemon_factory):
     # each job declares 300 MiB; a 700 MiB budget holds two
     d = daemon_factory(budget="700MiB").start()

@@ -135,6 +135,16 @@ def test_non_finite_numbers_are_refused_naming_the_field(tiny_spec_dict, given, 
     assert e.value.field == field and ("finite" in str(e.value) or "positive size" in str(e.value))
 
 
+@pytest.mark.parametrize("output", ["seedlog.ezl", "spec.json", "report.json.tmp", "snapshots"])
+def test_an_output_named_like_a_job_file_is_refused(tiny_spec_dict, output):
+    """The trained weights would have overwritten the job's own seed-log or spec (issue 12, item 7)."""
+    with pytest.raises(SpecError) as e:
+        load_spec({**tiny_spec_dict, "output": output})
+    assert e.value.field == "output" and "job's own files" in str(e.value)
+    with pytest.raises(SpecError):
+        load_spec({**tiny_spec_dict, "name": output.removesuffix(".tmp") if output != "snapshots" else output})
+
+
 def test_bad_data_says_why(tmp_path, tiny_spec_dict):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "fine", "label": "meh"}\n')
