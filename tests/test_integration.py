@@ -21,10 +21,12 @@ def _assets():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["mezo", "dizo"])
+@pytest.mark.parametrize("method", ["fzoo", "mezo", "dizo"])
 def test_default_job_runs_a_few_steps_on_the_real_model(tmp_path, method):
     _assets()
-    spec = load_spec(DEFAULT_SPEC, [f"method={method}", "steps=3", "batch_size=4", "eval_size=16",
+    recipe = [] if method == "fzoo" else [f"method={method}", "trainable=top1", "optim.perturbations=4",
+                                          "optim.lr=1e-4"]  # the packaged recipe as is, or the others on top1
+    spec = load_spec(DEFAULT_SPEC, [*recipe, "steps=3", "batch_size=4", "eval_size=16",
                                     "dizo.interval=2", "dizo.iters=1", "device=cpu"])
     job = prepare_job_dir(tmp_path / "job", spec)
     report = run_job(job)

@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 
-from edgezo.cli import main as cli_main
 from edgezo.hooks import TrainerHooks
 from edgezo.prefix import first_trainable_layer
 from edgezo.spec import SpecError, load_spec
 from edgezo.trainer import EventLog, Paused, build_engine, prepare_job_dir, run_job, shared_prefix
-from tests.tiny import job_weights, same_tensors
+from tests.tiny import PauseAt, job_weights, replayed, same_tensors
 
 
 def _job(tmp_path, spec_dict, name="job", **overrides):
@@ -24,26 +23,6 @@ def _events(job, kind):
     return [e for e in map(json.loads, (job / "events.jsonl").read_text().splitlines()) if e["kind"] == kind]
 
 
-def _replayed(tmp_path, job, name="replayed"):
-    from safetensors.torch import load_file
-
-    assert cli_main(["replay", str(job), "--out", str(tmp_path / name), "--from-base"]) == 0
-    out = {}
-    for f in (tmp_path / name).glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
-class PauseAt(TrainerHooks):
-    def __init__(self, step: int):
-        self.step, self.seen = step, 0
-
-    def on_event(self, kind, data):
-        if kind == "step":
-            self.seen += 1
-
-    def control(self):
-        return "pause" if self.seen >= self.step else "run"
 
 
 # -- the frozen prefix ------------------------------------------------------------------------------
@@ -57,15 +36,19 @@ def test_top_k_trains_the_last_blocks_and_the_final_norm_only(tiny_spec_dict):
     from edgezo.models import decoder_of
 
     assert first_trainable_layer(decoder_of(engine.model), engine.params) == 1
+    top0 = build_engine(load_spec({**tiny_spec_dict, "trainable": "top0"}))  # the final norm alone
+    assert [p.name for p in top0.params] == ["model.norm.weight"]
+    assert first_trainable_layer(decoder_of(top0.model), top0.params) == 2  # every block is frozen
     full = build_engine(load_spec(tiny_spec_dict))  # embeddings train: nothing below is frozen
     assert first_trainable_layer(decoder_of(full.model), full.params) == 0
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_shared_prefix_gives_the_full_forwards_losses_bit_for_bit(tiny_spec_dict, tmp_path, precision):
+@pytest.mark.parametrize("trainable, cut", [("top1", 1), ("top0", 2)])
+def test_shared_prefix_gives_the_full_forwards_losses_bit_for_bit(tiny_spec_dict, tmp_path, precision, trainable, cut):
     from edgezo.tasks import make_task
 
-    spec = load_spec({**tiny_spec_dict, "trainable": "top1", "precision": precision})
+    spec = load_spec({**tiny_spec_dict, "trainable": trainable, "precision": precision})
     engine = build_engine(spec)
     task = make_task(spec["task"], engine.model, engine.tokenizer, engine.perturber, spec["max_length"],
                      engine.device)
@@ -74,7 +57,7 @@ def test_shared_prefix_gives_the_full_forwards_losses_bit_for_bit(tiny_spec_dict
     batch = task.encode(read_rows(spec["task"]["train"], "t")[:4], "t")
     events = EventLog(tmp_path / "events.jsonl", TrainerHooks())
     prefix = shared_prefix(engine, task, batch, events)
-    assert prefix is not None and prefix.cut == 1
+    assert prefix is not None and prefix.cut == cut
     with torch.no_grad():
         full = [task.objective(batch)]
         for seed in (3, 4):
@@ -97,7 +80,7 @@ def test_fzoo_needs_two_directions_and_names_the_field(tiny_spec_dict):
     with pytest.raises(SpecError) as e:
         load_spec({**tiny_spec_dict, "method": "fzoo", "optim": {"perturbations": 1}})
     assert e.value.field == "optim.perturbations"
-    for bad, field in (({"guard": {"lr_factor": 2.0}}, "guard.lr_factor"), ({"trainable": "top0"}, "trainable"),
+    for bad, field in (({"guard": {"lr_factor": 2.0}}, "guard.lr_factor"), ({"trainable": "top01"}, "trainable"),
                        ({"guard": {"spam": 1}}, "guard.spam")):
         with pytest.raises(SpecError) as e:
             load_spec({**tiny_spec_dict, **bad})
@@ -112,7 +95,7 @@ def test_fzoo_on_the_top_block_lowers_the_training_loss(tmp_path, tiny_spec_dict
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, f"fzoo did not learn: {first:.4f} -> {last:.4f}"
     assert _events(job, "prefix")[0]["frozen_blocks"] == 1
-    assert same_tensors(job_weights(job), _replayed(tmp_path, job))
+    assert same_tensors(job_weights(job), replayed(tmp_path, job))
 
 
 def test_fzoo_resume_after_a_pause_equals_an_uninterrupted_run(tmp_path, tiny_spec_dict):
@@ -141,7 +124,7 @@ def test_guard_rolls_back_a_forced_divergence_and_replay_follows_it(tmp_path, ti
     assert rollbacks, "lr 3.0 should have diverged and tripped the guard"
     assert rollbacks[0]["lr"] == pytest.approx(3.0 * 0.25)
     assert report["guard"]["rollbacks"] == len(rollbacks)
-    assert same_tensors(job_weights(job), _replayed(tmp_path, job))
+    assert same_tensors(job_weights(job), replayed(tmp_path, job))
 
     unguarded = _job(tmp_path, tiny_spec_dict, name="unguarded", **{**DIVERGING, "guard": {"rise": 0}})
     run_job(unguarded)
