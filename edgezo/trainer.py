@@ -327,6 +327,19 @@ def _attn_probs_bytes(cfg, batch: int, seq: int) -> int:
     return batch * getattr(cfg, "num_attention_heads", 12) * seq * seq * 4
 
 
+def _activation_sizes(engine: Engine, batch: int, seq: int) -> tuple[int, int, int, int]:
+    """Bytes at this batch and length: (one layer's input, the number of layers, what one layer keeps
+    for its backward, one layer's forward working set), the pieces the heavy phases' estimates add up."""
+    cfg = engine.model.config
+    hidden = getattr(cfg, "hidden_size", 768)
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    elem = 2 if engine.spec["precision"] in ("fp16", "bf16") else 4
+    tokens = batch * seq
+    probs = _attn_probs_bytes(cfg, batch, seq)
+    return (tokens * hidden * elem, getattr(cfg, "num_hidden_layers", 12),
+            tokens * (6 * hidden + 3 * inter) * elem + probs, tokens * (4 * hidden + 3 * inter) * elem + probs)
+
+
 def eval_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
     """A rough upper bound on what an eval forward adds over the steady state (activations)."""
     cfg = engine.model.config
@@ -608,19 +621,11 @@ def projection_lease_bytes(engine: Engine, batch: int, seq: int, meter: MemoryMe
     """
     if not getattr(engine.method, "heavy", False):
         return 0
-    cfg = engine.model.config
-    hidden = getattr(cfg, "hidden_size", 768)
-    layers = getattr(cfg, "num_hidden_layers", 12)
-    inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    elem = 2 if engine.spec["precision"] in ("fp16", "bf16") else 4
-    tokens = batch * seq
-    probs = _attn_probs_bytes(cfg, batch, seq)
-    per_layer = tokens * (6 * hidden + 3 * inter) * elem + probs
+    layer_input, layers, per_layer, working = _activation_sizes(engine, batch, seq)
     if engine.spec.get("dizo", {}).get("checkpointing"):
-        saved = layers * tokens * hidden * elem + per_layer  # layer inputs; one layer recomputed at a time
+        saved = layers * layer_input + per_layer  # layer inputs; one layer recomputed at a time
     else:
         saved = layers * per_layer
-    working = tokens * (4 * hidden + 3 * inter) * elem + probs
     estimate = int(saved + working)
     if meter is not None:
         phases = meter.summary().get("phases", {})
@@ -635,16 +640,8 @@ def fo_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
     checkpointed backward keeps (every layer's input, one layer recomputed with what it saves, one
     layer's working set), or an eval forward if larger, plus gradients and AdamW's two moments for
     the trainable set (each the size of the trainable tensors)."""
-    cfg = engine.model.config
-    hidden = getattr(cfg, "hidden_size", 768)
-    layers = getattr(cfg, "num_hidden_layers", 12)
-    inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    elem = 2 if engine.spec["precision"] in ("fp16", "bf16") else 4
-    tokens = batch * seq
-    probs = _attn_probs_bytes(cfg, batch, seq)
-    recomputed = tokens * (6 * hidden + 3 * inter) * elem + probs
-    working = tokens * (4 * hidden + 3 * inter) * elem + probs
-    acts = layers * tokens * hidden * elem + recomputed + working
+    layer_input, layers, recomputed, working = _activation_sizes(engine, batch, seq)
+    acts = layers * layer_input + recomputed + working
     trainable = sum(p.param.numel() * p.param.element_size() for p in engine.params)
     return int(max(acts, eval_lease_bytes(engine, batch, seq)) + 3 * trainable)
 

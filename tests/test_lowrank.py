@@ -31,7 +31,7 @@ from edgezo.trainer import (
     shared_prefix,
 )
 from edgezo.zo import FZOO, MeZO, StepRecord, step_seed
-from tests.tiny import job_weights, same_tensors, tiny_spec
+from tests.tiny import PauseAt, job_weights, replayed, rewrite_log, same_tensors, tiny_spec
 
 
 def _setup(model_dir, tmp_path, precision="fp32", trainable="full", rank=1):
@@ -253,10 +253,10 @@ def test_replay_and_resume_are_bit_exact(tmp_path, tiny_spec_dict, precision, me
 
     for flag, out in (([], "replayed"), (["--from-base"], "from-base")):
         assert cli_main(["replay", str(ref), "--out", str(tmp_path / out), *flag]) == 0
-        replayed = {}
+        got = {}
         for f in (tmp_path / out).glob("*.safetensors"):
-            replayed.update(load_file(str(f)))
-        assert same_tensors(trained, replayed), f"replay {flag} differs"
+            got.update(load_file(str(f)))
+        assert same_tensors(trained, got), f"replay {flag} differs"
 
     # interrupted after step 4 (the last steps' frames lost), then resumed: equals the uninterrupted run
     job = prepare_job_dir(tmp_path / "job", spec)
@@ -265,19 +265,13 @@ def test_replay_and_resume_are_bit_exact(tmp_path, tiny_spec_dict, precision, me
     kept = [f for f in frames if not (isinstance(f.data, dict) and f.data.get("step", -1) >= 5)]  # steps,
     # snapshots and DiZO projections from step 5 on
     assert any(f.kind == seedlog.STEP and f.data["step"] == 4 for f in kept) and len(kept) < len(frames)
-    _rewrite_log(job / "seedlog.ezl", header, kept)
+    rewrite_log(job / "seedlog.ezl", header, kept)
     (job / "report.json").unlink()
     run_job(job)
     assert same_tensors(trained, job_weights(job))
 
 
-def _rewrite_log(path, header, frames) -> None:
-    tmp = path.with_name("rewritten.ezl")
-    w = seedlog.SeedLogWriter.create(tmp, header, 1)
-    for f in frames:
-        w.append(f.kind, f.data)
-    w.close()
-    tmp.replace(path)
+
 
 
 def test_resume_refuses_a_log_with_other_directions(tmp_path, tiny_spec_dict):
@@ -285,7 +279,7 @@ def test_resume_refuses_a_log_with_other_directions(tmp_path, tiny_spec_dict):
     job = prepare_job_dir(tmp_path / "job", spec)
     run_job(job)
     header, frames = seedlog.read(job / "seedlog.ezl")
-    _rewrite_log(job / "seedlog.ezl", {**header, "directions": "dense", "rank": None}, frames)
+    rewrite_log(job / "seedlog.ezl", {**header, "directions": "dense", "rank": None}, frames)
     (job / "report.json").unlink()
     with pytest.raises(TrainingError, match="written with dense directions, but the spec asks for lowrank "
                                             r"directions of rank 2 \(optim.directions/optim.rank"):
@@ -299,26 +293,6 @@ def _events(job, kind: str) -> list[dict]:
     return [e for e in map(json.loads, (job / "events.jsonl").read_text().splitlines()) if e["kind"] == kind]
 
 
-def _replayed(tmp_path, job, name: str) -> dict:
-    from safetensors.torch import load_file
-
-    assert cli_main(["replay", str(job), "--out", str(tmp_path / name), "--from-base"]) == 0
-    out = {}
-    for f in (tmp_path / name).glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
-class _PauseAt(TrainerHooks):
-    def __init__(self, step: int):
-        self.step, self.seen = step, 0
-
-    def on_event(self, kind, data):
-        if kind == "step":
-            self.seen += 1
-
-    def control(self):
-        return "pause" if self.seen >= self.step else "run"
 
 
 def test_fzoo_perturbs_and_updates_along_lowrank_directions(tiny_model_dir, tmp_path):
@@ -361,7 +335,7 @@ def test_fzoo_replay_and_resume_are_bit_exact(tmp_path, tiny_spec_dict, trainabl
     assert header["method"] == "fzoo" and header["directions"] == "lowrank" and header["rank"] == 2
     assert bool(_events(ref, "prefix")) == (trainable == "top1")
     trained = job_weights(ref)
-    assert same_tensors(trained, _replayed(tmp_path, ref, "replayed"))
+    assert same_tensors(trained, replayed(tmp_path, ref))
 
     dense = prepare_job_dir(tmp_path / "dense", load_spec({**tiny_spec_dict, **kw,
                                                            "optim": {**kw["optim"], "directions": "dense"}}))
@@ -370,7 +344,7 @@ def test_fzoo_replay_and_resume_are_bit_exact(tmp_path, tiny_spec_dict, trainabl
 
     job = prepare_job_dir(tmp_path / "paused", load_spec({**tiny_spec_dict, **kw}))
     with pytest.raises(Paused):
-        run_job(job, _PauseAt(5))
+        run_job(job, PauseAt(5))
     run_job(job)
     assert same_tensors(trained, job_weights(job))
 
@@ -430,11 +404,11 @@ def test_guard_rollback_and_resume_are_bit_exact_with_lowrank(tmp_path, tiny_spe
     rollbacks = _events(ref, "rollback")
     assert rollbacks, "lr 3.0 along rank-1 directions should have diverged and tripped the guard"
     trained = job_weights(ref)
-    assert same_tensors(trained, _replayed(tmp_path, ref, "replayed"))
+    assert same_tensors(trained, replayed(tmp_path, ref))
 
     job = prepare_job_dir(tmp_path / "paused", load_spec({**tiny_spec_dict, **kw}))
     with pytest.raises(Paused):
-        run_job(job, _PauseAt(rollbacks[0]["step"] + 2))
+        run_job(job, PauseAt(rollbacks[0]["step"] + 2))
     run_job(job)
     assert same_tensors(trained, job_weights(job))
     assert [e["step"] for e in _events(job, "rollback")] == [e["step"] for e in rollbacks]

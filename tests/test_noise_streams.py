@@ -7,7 +7,6 @@ so these tests skip where triton is not installed (it is optional; CI does not i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from edgezo.cli import main as cli_main
 from edgezo.noise import make_noise
 from edgezo.spec import SpecError, load_spec
 from edgezo.trainer import TrainingError, build_engine, prepare_job_dir, run_job
-from tests.tiny import job_weights, same_tensors
+from tests.tiny import job_weights, rewrite_log, same_tensors
 
 try:
     import importlib.util
@@ -34,14 +33,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _weights, _same = job_weights, same_tensors
 
 
-def _rewrite_log(path: Path, header: dict, frames: list) -> None:
-    """Replace a seed-log with one holding `header` and `frames` (to forge or cut one)."""
-    tmp = path.with_name("rewritten.ezl")
-    w = seedlog.SeedLogWriter.create(tmp, header, 1)
-    for f in frames:
-        w.append(f.kind, f.data)
-    w.close()
-    tmp.replace(path)
+
 
 
 def test_noise_field_is_validated_and_auto_is_torch_on_cpu(tiny_spec_dict):
@@ -67,7 +59,7 @@ def test_a_log_written_with_philox_refuses_to_resume_where_philox_cannot_run(tmp
     header, frames = seedlog.read(log)
     assert header["noise"] == "torch"
     header["noise"] = "philox"  # as if written on a GPU with Triton
-    _rewrite_log(log, header, frames)
+    rewrite_log(log, header, frames)
     (job / "report.json").unlink()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(TrainingError, match="written with the philox noise stream"):
@@ -97,7 +89,7 @@ def test_philox_job_trains_replays_and_resumes_bit_exact(tmp_path, tiny_spec_dic
     job = prepare_job_dir(tmp_path / "job", spec)
     run_job(job)
     header, frames = seedlog.read(job / "seedlog.ezl")
-    _rewrite_log(job / "seedlog.ezl", header, [f for f in frames if not (f.kind == seedlog.STEP and f.data["step"] >= 4)])
+    rewrite_log(job / "seedlog.ezl", header, [f for f in frames if not (f.kind == seedlog.STEP and f.data["step"] >= 4)])
     (job / "report.json").unlink()
     spec_path = job / "spec.json"
     spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), "noise": "torch"}))

@@ -10,6 +10,8 @@ import json
 import random
 from pathlib import Path
 
+from edgezo.hooks import TrainerHooks
+
 POSITIVE = ["wonderful", "moving", "brilliant", "charming", "smart", "funny", "gripping", "lovely"]
 NEGATIVE = ["dull", "tedious", "clumsy", "boring", "messy", "lifeless", "awful", "bland"]
 NOUNS = ["film", "movie", "story", "script", "cast", "plot", "ending", "drama"]
@@ -123,3 +125,42 @@ def same_tensors(a: dict, b: dict) -> bool:
     import torch
 
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def replayed(tmp_path: Path, job: Path, name: str = "replayed") -> dict:
+    """The weights `edgezo replay --from-base` rebuilds from a job's seed-log."""
+    from safetensors.torch import load_file
+
+    from edgezo.cli import main as cli_main
+
+    assert cli_main(["replay", str(job), "--out", str(tmp_path / name), "--from-base"]) == 0
+    out = {}
+    for f in (tmp_path / name).glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
+
+
+def rewrite_log(path: Path, header: dict, frames: list) -> None:
+    """Replace a seed-log with one holding `header` and `frames` (to forge or cut one)."""
+    from edgezo import seedlog
+
+    tmp = path.with_name("rewritten.ezl")
+    w = seedlog.SeedLogWriter.create(tmp, header, 1)
+    for f in frames:
+        w.append(f.kind, f.data)
+    w.close()
+    tmp.replace(path)
+
+
+class PauseAt(TrainerHooks):
+    """Trainer hooks that ask the run to pause once `step` steps were taken (a kill, politely)."""
+
+    def __init__(self, step: int):
+        self.step, self.seen = step, 0
+
+    def on_event(self, kind, data):
+        if kind == "step":
+            self.seen += 1
+
+    def control(self):
+        return "pause" if self.seen >= self.step else "run"
