@@ -15,7 +15,7 @@ load, one warm-up step, then
 Memory: on CPU the process RSS (high-water mark reset through /proc/self/clear_refs before each
 measurement, VmHWM read after; the average samples /proc/self/statm every 5 ms), so it includes the
 Python/torch runtime; on CUDA torch.cuda.max_memory_allocated / memory_allocated (tensors only).
-On CPU each child runs with MALLOC_MMAP_THRESHOLD_=1MiB, as the daemon's workers do (large
+On CPU each child runs with MALLOC_MMAP_THRESHOLD_=1MiB (as the daemon's workers did until they got malloc_trim; large
 transient buffers go back to the OS when freed instead of staying in the heap's high-water mark).
 Ratios are to the fp16 full-parameter run. The model is built once from the named config with
 random weights (speed and memory do not depend on weight values) and cached as fp16 safetensors.

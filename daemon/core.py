@@ -768,10 +768,9 @@ class Daemon:
         })
         for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
             env.pop(key, None)
-        # glibc keeps a heavy phase's freed heap pages, so on the CPU a worker's RSS would never come
-        # back down after its first projection and the budget (sum of RSS) would stay charged for it.
-        # Allocations of 1 MiB and more go to mmap instead and return to the OS when freed.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+        # glibc keeps a heavy phase's freed heap pages; the trainer hands them back at the end of each
+        # phase (edgezo.memory.release_free_heap), so a worker's RSS comes back down without the cost
+        # of MALLOC_MMAP_THRESHOLD_ (1.5x the fzoo default job's step time on 2 CPU cores).
         if self.cfg.engine:
             env["EDGEZO_ENGINE"] = self.cfg.engine
         root = str(Path(__file__).resolve().parent.parent)

@@ -24,7 +24,7 @@ from edgezo import seedlog
 from edgezo.data import bucketed_batch, check_fields, data_path, read_rows
 from edgezo.guard import DivergenceGuard, Rollback
 from edgezo.hooks import TrainerHooks
-from edgezo.memory import MemoryMeter
+from edgezo.memory import MemoryMeter, release_free_heap
 from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
 from edgezo.noise import NoiseUnavailable, ZOParam, make_noise, mix
 from edgezo.perturb import Perturber, collect_params
@@ -290,6 +290,7 @@ def _phase(meter: MemoryMeter, events: EventLog, name: str) -> Iterator[None]:
         with meter.phase(name):
             yield
     finally:
+        release_free_heap()  # what the phase freed leaves the process before the daemon looks again
         events.hooks.on_event("phase", {"phase": name, "state": "end"})
 
 
