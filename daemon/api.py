@@ -21,7 +21,7 @@ from policies.memory import fmt_bytes
 
 from .core import Daemon
 from .http import HTTPError, Request, Response, Router
-from .store import FINAL, Job
+from .store import FINAL, DiskFull, Job
 
 
 def build_router(d: Daemon) -> Router:
@@ -59,6 +59,8 @@ def build_router(d: Daemon) -> Router:
             "stopping": d.stopping,
             "loop_errors": d.loop_errors,  # loop iterations that failed and were retried
             "last_loop_error": d.last_loop_error,  # empty once an iteration succeeds again
+            "disk_full_writes": d.disk_full_writes,  # store writes a full disk refused
+            "unsaved_jobs": sorted(d._unsaved),  # job changes in effect, waiting for room to be saved
         })
 
     async def modules(req: Request) -> Response:
@@ -78,6 +80,8 @@ def build_router(d: Daemon) -> Router:
                             owner_uid=req.peer.uid if req.peer else None)
         except SpecError as e:
             return Response(422, {"error": str(e), "field": e.field, "message": e.message})
+        except DiskFull as e:
+            raise HTTPError(507, str(e)) from None
         except RuntimeError as e:
             raise HTTPError(503, str(e)) from None
         return Response(201, d.job_view(job))
@@ -89,7 +93,10 @@ def build_router(d: Daemon) -> Router:
         return Response(body=view)
 
     async def cancel_job(req: Request) -> Response:
-        return Response(body=d.job_view(d.cancel(job_of(req))))
+        try:
+            return Response(body=d.job_view(d.cancel(job_of(req))))
+        except DiskFull as e:
+            raise HTTPError(507, str(e)) from None
 
     async def retry_job(req: Request) -> Response:
         body = req.json()
@@ -100,6 +107,8 @@ def build_router(d: Daemon) -> Router:
             return Response(422, {"error": str(e), "field": e.field, "message": e.message})
         except ValueError as e:
             raise HTTPError(409, str(e)) from None
+        except DiskFull as e:
+            raise HTTPError(507, str(e)) from None
         return Response(body=d.job_view(job))
 
     async def events(req: Request) -> Response:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -37,11 +38,12 @@ from policies import memory as mem
 from . import access, sdnotify, windows
 from .leases import Lease, LeaseBroker
 from .monitor import DeviceState, Monitor
-from .store import ACTIVE, FINAL, Job, Store, StoreCorrupt
+from .store import ACTIVE, FINAL, DiskFull, Job, Store, StoreCorrupt
+from .store import is_disk_full as store_is_disk_full
 
 log = logging.getLogger("edgezo.daemon")
 
-EXIT_DONE, EXIT_FAILED, EXIT_PAUSED, EXIT_CANCELLED = 0, 1, 3, 4
+EXIT_DONE, EXIT_FAILED, EXIT_PAUSED, EXIT_CANCELLED, EXIT_DISK_FULL = 0, 1, 3, 4, 5
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Config:
     socket_path: Path
     budget: int | None = None  # None: 90% of the device's total
     reserve: int = 256 * mem.MiB  # device memory never handed out (external-pressure margin)
+    disk_reserve: int = 256 * mem.MiB  # no job starts with less free disk under the state directory
     sample_s: float = 0.5
     heartbeat_s: float = 2.0
     lease_ttl_s: float = 10.0
@@ -67,6 +70,13 @@ class Config:
     engine: str | None = None  # worker engine override (EDGEZO_ENGINE), e.g. "synthetic"
     runtime_overhead: int | None = None
     socket_group: str = "edgezo"
+
+
+def _free_disk(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
 
 
 def _pdeathsig() -> None:
@@ -161,6 +171,9 @@ class Daemon:
         self._sampled: dict[str, set[str]] = {}  # job -> the phases its memory samples cover
         self._seq_floor = 0  # the highest job number any job directory carries (see _adopt_orphans)
         self._acc: dict[str, list] = {}  # job -> [peak, area, duration, (last ts, last bytes)]
+        self._unsaved: set[str] = set()  # jobs whose last change a full disk kept out of the store
+        self.disk_full_writes = 0  # store writes a full disk refused (events and samples are dropped)
+        self._disk_full_logged = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -173,7 +186,7 @@ class Daemon:
             raise SystemExit(f"another edgezo daemon holds {self.state_dir}") from None
         try:
             self.store = Store(self.state_dir / "edgezo.db")
-        except StoreCorrupt as e:
+        except (StoreCorrupt, DiskFull) as e:
             raise SystemExit(str(e)) from None
         self.device = self.monitor.sample(time.time(), {})
         self.budget = self.cfg.budget or int(self.device.total * 0.9)
@@ -321,12 +334,47 @@ class Daemon:
         return [j for j in self.jobs.values() if j.state == "running"]
 
     def _save(self, job: Job) -> None:
-        if self.store:
+        """Write a job through to the store. On a full disk the change stays in memory (it is in
+        effect) and is written again each tick until there is room; see `_persist` for changes a
+        client waits to have acknowledged."""
+        if not self.store:
+            return
+        try:
             self.store.save_job(job)
+            self._unsaved.discard(job.id)
+        except DiskFull as e:
+            self._unsaved.add(job.id)
+            self._disk_full(e)
+
+    def _persist(self, job: Job) -> None:
+        """`_save` for a change a client asked for: a full disk is the client's answer (HTTP 507)."""
+        self._save(job)
+        if job.id in self._unsaved:
+            raise DiskFull(f"the disk under {self.state_dir} is full: the change to {job.id} is in effect but not "
+                           "saved yet (it is saved once there is room; a daemon restart before that would lose it)")
+
+    def _save_unsaved(self) -> None:
+        for job_id in list(self._unsaved):
+            if job_id in self.jobs:
+                self._save(self.jobs[job_id])
+            else:
+                self._unsaved.discard(job_id)
 
     def _event(self, job: Job, kind: str, data: dict) -> None:
         if self.store:
-            self.store.add_event(job.id, time.time(), kind, data)
+            try:
+                self.store.add_event(job.id, time.time(), kind, data)
+            except DiskFull as e:
+                self._disk_full(e)
+
+    def _disk_full(self, error: Exception) -> None:
+        """Count a write a full disk refused; log it once a minute, not once a sample."""
+        self.disk_full_writes += 1
+        now = time.time()
+        if now - self._disk_full_logged >= 60:
+            log.warning("%s; %d writes refused so far (job changes are kept and saved once there is room)",
+                        error, self.disk_full_writes)
+            self._disk_full_logged = now
 
     def find(self, ref: str) -> Job | None:
         if ref in self.jobs:
@@ -357,7 +405,6 @@ class Daemon:
         job_dir = self.jobs_dir / job_id
         job_dir.mkdir(parents=True, exist_ok=False)
         self._seq_floor = seq
-        (job_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
         now = time.time()
         job = Job(id=job_id, seq=seq, name=spec["name"], spec=spec, job_dir=str(job_dir), created=now,
                   queued_at=now, steps_total=int(spec["steps"]), window=window, owner_uid=owner_uid)
@@ -366,8 +413,16 @@ class Daemon:
             job.not_before = nxt.timestamp() if nxt else None
         # a job's own `budget` declares its allotment; otherwise the model-based estimate
         job.estimate = int(spec["budget"]) if spec.get("budget") else self.estimate(spec).steady
+        try:  # acknowledged only once durable: on a full disk the client hears so and nothing is queued
+            (job_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+            self.store.save_job(job)
+        except (OSError, DiskFull) as e:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            if isinstance(e, DiskFull) or store_is_disk_full(e):
+                raise DiskFull(f"the disk under {self.state_dir} is full: the job was not queued "
+                               f"({mem.fmt_bytes(_free_disk(self.jobs_dir))} free)") from e
+            raise
         self.jobs[job.id] = job
-        self._save(job)
         self._event(job, "enqueued", {"estimate_bytes": job.estimate, "window": window, "not_before": job.not_before})
         self._watch_time(job)
         self.wake()
@@ -404,8 +459,8 @@ class Daemon:
             job.state, job.finished, job.reason = "cancelled", time.time(), "cancelled before it ran"
             self.timers.forget(job.id)
         self._event(job, "cancel", {"state": job.state})
-        self._save(job)
         self.wake()
+        self._persist(job)
         return job
 
     @staticmethod
@@ -459,9 +514,9 @@ class Daemon:
         job.state, job.reason, job.control, job.pause_reason = "queued", "", "run", ""
         job.queued_at, job.finished, job.attempts = time.time(), None, 0
         self._event(job, "retry", {"previous": was, "budget": job.spec.get("budget")})
-        self._save(job)
         self._watch_time(job)
         self.wake()
+        self._persist(job)
         return job
 
     async def _escalate(self, job_id: str, proc: asyncio.subprocess.Process | None) -> None:
@@ -555,8 +610,11 @@ class Daemon:
                 self._accumulate(job.id, now, used)
             self._save(job)
         if self.store:
-            self.store.add_samples(rows, (now, self.device.usage, self.device.edgezo, leased,
-                                          self.device.free, self.budget))
+            try:
+                self.store.add_samples(rows, (now, self.device.usage, self.device.edgezo, leased,
+                                              self.device.free, self.budget))
+            except DiskFull as e:  # the samples are lost; admission, leases and the running jobs go on
+                self._disk_full(e)
 
     def _usage(self, job_id: str) -> int:
         return self.device.jobs.get(job_id, 0) if self.device else 0
@@ -590,6 +648,8 @@ class Daemon:
 
     def tick(self, now: float) -> None:
         self.ticks += 1
+        if self._unsaved:
+            self._save_unsaved()
         if self.device is None:
             return
         for lease in self.leases.expire(now, self._heartbeat_of):
@@ -715,6 +775,16 @@ class Daemon:
             candidates.append(admission.Candidate(job.id, self._steady(job), job.queued_at, job.state == "paused"))
         if not candidates:
             return
+        free = _free_disk(self.jobs_dir)
+        if free < self.cfg.disk_reserve:  # a worker would fail on its first seed-log write
+            reason = (f"waiting for disk space: {mem.fmt_bytes(free)} free under {self.jobs_dir}, a job starts with "
+                      f"at least {mem.fmt_bytes(self.cfg.disk_reserve)} free")
+            for c in candidates:
+                job = self.jobs[c.job_id]
+                if job.reason != reason:
+                    job.reason = reason
+                    self._save(job)
+            return
         dev = self.device
         assert dev is not None
         pend = self.pending() + sum(x.nbytes for x in self.leases.waiting())  # running jobs' heavy phases first
@@ -820,6 +890,11 @@ class Daemon:
             job.state = "paused"
             job.reason = job.pause_reason or "paused"
             job.queued_at = now
+        elif rc == EXIT_DISK_FULL:  # every step it finished is in its seed-log; it resumes when there is room
+            job.state, job.queued_at = "paused", now
+            job.reason = (f"paused: the disk under {job_dir} filled up "
+                          f"({(failure or {}).get('reason', 'no space left')}); resumes when "
+                          f"{mem.fmt_bytes(self.cfg.disk_reserve)} is free")
         else:
             if error:
                 reason = error

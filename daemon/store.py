@@ -7,6 +7,7 @@ every change; events and samples are appended and read back for logs, reports an
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -85,6 +86,35 @@ class StoreCorrupt(RuntimeError):
     mix up jobs) and says where the copy of the damaged files is."""
 
 
+class DiskFull(Exception):
+    """The state directory's filesystem is full: the change was not saved (the caller says so; a
+    change the daemon made on its own is saved again once there is space)."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """SQLite's "database or disk is full", or ENOSPC/EDQUOT from a file write."""
+    if isinstance(e, DiskFull):
+        return True
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
+
+
+@contextlib.contextmanager
+def _write(db: sqlite3.Connection):
+    """One write, rolled back if it fails (an open transaction left behind fails every later BEGIN);
+    a full disk becomes `DiskFull`."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as e:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        if is_disk_full(e):
+            raise DiskFull(f"the disk holding the job store is full ({e})") from e
+        raise
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -103,6 +133,9 @@ class Store:
         except sqlite3.DatabaseError as e:
             with contextlib.suppress(Exception):
                 self.db.close()
+            if is_disk_full(e):  # not damage: nothing to copy aside (and no room to)
+                raise DiskFull(f"the disk holding the job store {self.path} is full ({e}); free some space and "
+                               "start the daemon again: nothing in the store is lost") from None
             saved = self._keep_damaged_copy()
             raise StoreCorrupt(f"the job store {self.path} is damaged ({e}); a copy is in {saved}. Move "
                                f"{self.path.name}* aside to start with an empty store: job directories are kept "
@@ -121,10 +154,11 @@ class Store:
 
     # jobs ------------------------------------------------------------------
     def save_job(self, job: Job) -> None:
-        self.db.execute(
-            "INSERT INTO jobs (id, seq, data) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET data=excluded.data",
-            (job.id, job.seq, json.dumps(asdict(job))),
-        )
+        with _write(self.db):
+            self.db.execute(
+                "INSERT INTO jobs (id, seq, data) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET data=excluded.data",
+                (job.id, job.seq, json.dumps(asdict(job))),
+            )
 
     def load_jobs(self) -> list[Job]:
         out = []
@@ -139,9 +173,10 @@ class Store:
 
     # events ----------------------------------------------------------------
     def add_event(self, job_id: str, ts: float, kind: str, data: dict) -> int:
-        cur = self.db.execute(
-            "INSERT INTO events (job_id, ts, kind, data) VALUES (?, ?, ?, ?)", (job_id, ts, kind, json.dumps(data))
-        )
+        with _write(self.db):
+            cur = self.db.execute(
+                "INSERT INTO events (job_id, ts, kind, data) VALUES (?, ?, ?, ?)", (job_id, ts, kind, json.dumps(data))
+            )
         return int(cur.lastrowid)
 
     def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[dict]:
@@ -152,11 +187,12 @@ class Store:
 
     # samples ---------------------------------------------------------------
     def add_samples(self, rows: list[tuple[str, float, int, str]], device: tuple | None) -> None:
-        self.db.execute("BEGIN")
-        self.db.executemany("INSERT INTO samples (job_id, ts, bytes, phase) VALUES (?, ?, ?, ?)", rows)
-        if device is not None:
-            self.db.execute("INSERT INTO device_samples VALUES (?, ?, ?, ?, ?, ?)", device)
-        self.db.execute("COMMIT")
+        with _write(self.db):
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT INTO samples (job_id, ts, bytes, phase) VALUES (?, ?, ?, ?)", rows)
+            if device is not None:
+                self.db.execute("INSERT INTO device_samples VALUES (?, ?, ?, ?, ?, ?)", device)
+            self.db.execute("COMMIT")
 
     def samples(self, job_id: str) -> list[tuple[float, int, str]]:
         return list(self.db.execute("SELECT ts, bytes, phase FROM samples WHERE job_id=? ORDER BY ts", (job_id,)))

@@ -70,6 +70,7 @@ def cmd_daemon(args) -> int:
         reserve = 256 * 2**20 if args.reserve is None else 0 if args.reserve.strip() in ("0", "0B") \
             else parse_size(args.reserve, "--reserve")
         overhead = parse_size(args.runtime_overhead, "--runtime-overhead") if args.runtime_overhead else None
+        disk_reserve = parse_size(args.disk_reserve, "--disk-reserve")
     except SpecError as e:
         return _fail(e.message, 2)
     cfg = Config(
@@ -77,6 +78,7 @@ def cmd_daemon(args) -> int:
         socket_path=sock,
         budget=budget,
         reserve=reserve,
+        disk_reserve=disk_reserve,
         sample_s=args.sample_interval,
         heartbeat_s=args.heartbeat,
         lease_ttl_s=args.lease_ttl,
@@ -368,6 +370,8 @@ def add_commands(sub) -> None:
     _socket_arg(d)
     d.add_argument("--budget", help="memory budget, e.g. 6GiB (default: 90%% of the device)")
     d.add_argument("--reserve", help="device memory never handed out (default 256MiB)")
+    d.add_argument("--disk-reserve", default="256MiB",
+                   help="no job starts (or resumes) with less free disk under the state directory (default 256MiB)")
     d.add_argument("--foreground", action="store_true", help="accepted for clarity: the daemon always runs in the foreground")
     d.add_argument("--sample-interval", type=float, default=0.5, help="seconds between memory samples")
     d.add_argument("--heartbeat", type=float, default=2.0, help="seconds between worker heartbeats")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import json
 import os
@@ -31,7 +32,7 @@ from typing import Any
 from edgezo.client import ApiError, Client, DaemonNotRunning
 from edgezo.hooks import TrainerHooks
 
-EXIT_DONE, EXIT_FAILED, EXIT_PAUSED, EXIT_CANCELLED = 0, 1, 3, 4
+EXIT_DONE, EXIT_FAILED, EXIT_PAUSED, EXIT_CANCELLED, EXIT_DISK_FULL = 0, 1, 3, 4, 5
 UNREACHABLE_PAUSE_S = 30.0  # no daemon for this long: checkpoint and stop rather than run unsupervised
 
 
@@ -123,7 +124,8 @@ class DaemonHooks(TrainerHooks):
 
     def _say(self, line: str) -> None:
         if line:
-            print(f"{time.strftime('%H:%M:%S')} {line}", file=self.log, flush=True)
+            with contextlib.suppress(OSError):  # a full disk fails the job's writes, not its log lines
+                print(f"{time.strftime('%H:%M:%S')} {line}", file=self.log, flush=True)
 
 
 def _describe(kind: str, data: dict, hooks: DaemonHooks) -> str:
@@ -151,11 +153,25 @@ def _jsonable(data: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ failures
+def disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain (safetensors and torch.save wrap it in their own errors)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def classify(exc: BaseException) -> dict[str, str]:
     """failure.json: a short reason people can act on, and a type the daemon can count."""
     name, msg = type(exc).__name__, str(exc).strip()
     first = msg.splitlines()[0] if msg else ""
-    if name == "OutOfMemoryError" or "CUDA out of memory" in msg:
+    if disk_full(exc):
+        kind, label = "disk_full", "disk full"
+    elif name == "OutOfMemoryError" or "CUDA out of memory" in msg:
         kind, label = "cuda_oom", "CUDA out of memory"
     elif isinstance(exc, MemoryError):
         kind, label = "oom", "out of host memory"
@@ -198,7 +214,8 @@ class Cancelled(Exception):
 def _knobs() -> dict[str, float]:
     from edgezo.spec import parse_size
 
-    out = {"step_s": 0.05, "heavy_every": 5.0, "heavy_bytes": 64 * 2**20, "heavy_s": 0.5, "base_bytes": 0.0}
+    out = {"step_s": 0.05, "heavy_every": 5.0, "heavy_bytes": 64 * 2**20, "heavy_s": 0.5, "base_bytes": 0.0,
+           "record_bytes": 0.0}
     for item in filter(None, os.environ.get("EDGEZO_SYNTHETIC", "").split(",")):
         k, _, v = item.partition("=")
         k = k.strip()
@@ -210,7 +227,8 @@ def synthetic_run_job(job_dir: Path, hooks: TrainerHooks) -> dict:
     """A stand-in engine with the trainer's contract: steps, a resumable log, leased heavy phases.
 
     Each heavy phase really allocates and touches `heavy_bytes`, so the daemon's RSS meter sees it.
-    The progress log (one line per step, fsynced) plays the seed-log's part for resume.
+    The progress log (one line per step, fsynced, `record_bytes` long like a seed-log frame) plays the
+    seed-log's part for resume; a torn last line (a crash or a full disk mid-write) is cut off.
     """
     from edgezo.nvml import rss_bytes
 
@@ -219,7 +237,12 @@ def synthetic_run_job(job_dir: Path, hooks: TrainerHooks) -> dict:
     k = _knobs()
     total, every = int(spec["steps"]), max(int(k["heavy_every"]), 1)
     log_path = job_dir / "synthetic.log"
-    done = len(log_path.read_text().split()) if log_path.exists() else 0
+    text = log_path.read_bytes() if log_path.exists() else b""
+    if text and not text.endswith(b"\n"):
+        text = text[: text.rfind(b"\n") + 1]
+        os.truncate(log_path, len(text))
+    done = text.count(b"\n")
+    pad = "x" * max(int(k["record_bytes"]) - 1, 0)
     base = bytearray(b"\x01") * int(k["base_bytes"]) if k["base_bytes"] else b""
     phases: dict[str, dict[str, float]] = {}
     t_last = [time.monotonic()]
@@ -266,7 +289,7 @@ def synthetic_run_job(job_dir: Path, hooks: TrainerHooks) -> dict:
                 raise Paused(step) if action == "pause" else Cancelled(step)
             time.sleep(k["step_s"])
             meter("zo_step")
-            log.write(f"{step}\n")
+            log.write(f"{step} {pad}\n" if pad else f"{step}\n")
             log.flush()
             os.fsync(log.fileno())
             hooks.on_event("step", {"step": step, "loss": 1.0 / (step + 1), "lr": 0.0,
@@ -333,13 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, KeyboardInterrupt):
             return EXIT_PAUSED
         failure = classify(e)
-        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            traceback.print_exc()
         hooks._say(f"failed: {failure['reason']}")
         try:
             (job_dir / "failure.json").write_text(json.dumps(failure, indent=2) + "\n")
         except OSError:
-            pass
-        return EXIT_FAILED
+            pass  # on a full disk the daemon still learns why from the exit code
+        return EXIT_DISK_FULL if failure["type"] == "disk_full" else EXIT_FAILED
     finally:
         hooks.stop()
 
