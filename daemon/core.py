@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edgezo.spec import SpecError, load_spec, spec_paths
+from edgezo.tensor_names import tensor_names
 from policies import admission
 from policies import leases as lease_policy
 from policies import memory as mem
@@ -398,7 +399,7 @@ class Daemon:
                     raise SpecError(field, str(e)) from None
         spec["window"] = window
         self._check_own_budget(spec)
-        self._check_access(spec, owner_uid)
+        self._check_files(spec, owner_uid)
         assert self.store is not None
         seq = max(self.store.next_seq(), self._seq_floor + 1)  # never an id a job directory already had
         job_id = f"{spec['name']}-{seq}"
@@ -464,14 +465,27 @@ class Daemon:
         return job
 
     @staticmethod
-    def _check_access(spec: dict, uid: int | None) -> None:
-        """The worker reads the spec's files as the daemon's user: only for a caller who could read them."""
-        if uid is None or uid == os.geteuid():
-            return
+    def _check_files(spec: dict, uid: int | None) -> None:
+        """What the worker would only find out after loading the model, refused now: a path that does
+        not exist, one the caller could not read themselves (the worker reads as the daemon's user),
+        a `trainable` pattern that matches no parameter of the model."""
+        other = uid is not None and uid != os.geteuid()
         for field, path in spec_paths(spec):
-            if not access.readable_by(path, uid):
+            if other and not access.readable_by(path, uid):
                 raise SpecError(field, f"{path}: you (uid {uid}) cannot read it, or it does not exist; the daemon "
                                 "reads only files its caller could read")
+            if not Path(path).exists():
+                raise SpecError(field, f"{path} does not exist on the daemon's machine")
+        patterns = spec["trainable"]
+        if not isinstance(patterns, list):
+            return
+        model_dir = Path(spec["model"]) if spec["model"] != "default" else _default_model_dir()
+        names = tensor_names(model_dir) if model_dir else None
+        for pattern in patterns if names else ():
+            if not any(pattern in name for name in names):
+                raise SpecError("trainable", f"pattern {pattern!r} matches no parameter of {spec['model']} (a "
+                                f"pattern is a part of a name such as {names[len(names) // 2]!r}; or use full, "
+                                "topK, lora)")
 
     def _check_own_budget(self, spec: dict) -> None:
         """A job that needs more than the whole device budget would wait forever, and every job queued
@@ -1032,6 +1046,16 @@ def _read_json(path: Path) -> dict | None:
         data = json.loads(path.read_text())
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
+        return None
+
+
+def _default_model_dir() -> Path | None:
+    """The packaged model's directory for this daemon's user, if fetched (never downloads)."""
+    from edgezo.assets import AssetError, default_assets
+
+    try:
+        return default_assets().model_dir
+    except AssetError:
         return None
 
 

@@ -184,7 +184,8 @@ def _merge(defaults: dict, given: dict) -> dict:
     return out
 
 
-def _num(spec: dict, path: str, *, kind: type = float, lo: float | None = None, lo_open: bool = False) -> None:
+def _num(spec: dict, path: str, *, kind: type = float, lo: float | None = None, lo_open: bool = False,
+         hi: float | None = None) -> None:
     node, parts = spec, path.split(".")
     for p in parts[:-1]:
         node = node[p]
@@ -207,6 +208,8 @@ def _num(spec: dict, path: str, *, kind: type = float, lo: float | None = None, 
         v = float(v)
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise SpecError(path, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise SpecError(path, f"must be <= {hi}, got {v}")
     node[parts[-1]] = v
 
 
@@ -299,7 +302,7 @@ def validate(given: dict) -> dict:
     if spec["precision"] == "int8" and spec["model"].strip().lower().endswith(".gguf"):
         raise SpecError("precision", "int8 loads a Hugging Face safetensors directory with bitsandbytes, not a "
                         ".gguf file; use fp32, fp16 or bf16 for GGUF models")
-    if spec["trainable"] == "lora":
+    if spec["trainable"] == "lora" or "lora" in given:  # fields the user wrote are checked even if unused
         _validate_lora(spec)
 
     _num(spec, "optim.lr", lo=0.0)
@@ -360,12 +363,12 @@ def validate(given: dict) -> dict:
     if spec["method"] == "fo":
         _validate_fo(spec, given)
 
-    _num(spec, "steps", kind=int, lo=0)
+    _num(spec, "steps", kind=int, lo=0, hi=10**9)  # 0: evaluate only
     _num(spec, "batch_size", kind=int, lo=1)
     _num(spec, "max_length", kind=int, lo=8)
     _num(spec, "eval_every", kind=int, lo=0)
     _num(spec, "eval_size", kind=int, lo=0)
-    _num(spec, "seed", kind=int, lo=0)
+    _num(spec, "seed", kind=int, lo=0, hi=2**63 - 1)  # torch seeds are 64-bit
     _num(spec, "snapshot_every", kind=int, lo=0)
     _num(spec, "fsync_every", kind=int, lo=0)
     if spec["budget"] is not None:
