@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from policies import memory as mem
 from . import access, sdnotify, windows
 from .leases import Lease, LeaseBroker
 from .monitor import DeviceState, Monitor
-from .store import ACTIVE, FINAL, DiskFull, Job, Store, StoreCorrupt
+from .store import ACTIVE, FINAL, JOB_FIELDS, DiskFull, Job, Store, StoreCorrupt
 from .store import is_disk_full as store_is_disk_full
 
 log = logging.getLogger("edgezo.daemon")
@@ -173,6 +173,7 @@ class Daemon:
         self._seq_floor = 0  # the highest job number any job directory carries (see _adopt_orphans)
         self._acc: dict[str, list] = {}  # job -> [peak, area, duration, (last ts, last bytes)]
         self._unsaved: set[str] = set()  # jobs whose last change a full disk kept out of the store
+        self._recorded: dict[str, tuple] = {}  # job -> what its job.json last recorded (see _save)
         self.disk_full_writes = 0  # store writes a full disk refused (events and samples are dropped)
         self._disk_full_logged = 0.0
 
@@ -193,18 +194,49 @@ class Daemon:
         self.budget = self.cfg.budget or int(self.device.total * 0.9)
         for job in self.store.load_jobs():
             self.jobs[job.id] = job
+        self._restore_from_job_files()
         self._adopt_orphans()
         self._recover()
 
+    def _restore_from_job_files(self) -> None:
+        """Each job directory's job.json is the daemon's second record of the job. Where it is newer
+        than the store (a damaged WAL frame makes SQLite drop that commit and every later one, without
+        a word: an acknowledged cancel came back undone), it wins, and the store is corrected."""
+        for job in list(self.jobs.values()):
+            record = _read_json(Path(job.job_dir) / JOB_RECORD)
+            if not record or not isinstance(record.get("version"), int) or record["version"] <= job.version:
+                self._recorded[job.id] = _decisive(job)
+                continue
+            newer = _job_from(record)
+            if newer is None or newer.id != job.id:
+                continue
+            log.warning("job %s: the store had version %d (%s), its job directory version %d (%s); the store lost "
+                        "a change and is corrected from %s", job.id, job.version, job.state, newer.version,
+                        newer.state, JOB_RECORD)
+            self.jobs[job.id] = newer
+            self._save(newer)
+            self._event(newer, "restored", {"from": JOB_RECORD, "store_version": job.version,
+                                            "version": newer.version})
+
     def _adopt_orphans(self) -> None:
         """Job directories the store does not know (a lost or rolled-back database) come back as jobs:
-        done when their report says so, otherwise failed with a reason, never run by surprise. Their
-        ids are never handed out again (a new job once picked up an old job's seed-log)."""
+        as their job.json recorded them, or, without one, done when their report says so, otherwise
+        failed with a reason (never run by surprise). Their ids are never handed out again (a new job
+        once picked up an old job's seed-log)."""
         for d in sorted(self.jobs_dir.iterdir()):
             m = _JOB_SEQ.search(d.name)
             if m:
                 self._seq_floor = max(self._seq_floor, int(m.group(1)))
             if d.name in self.jobs or not m or not (d / "spec.json").is_file():
+                continue
+            recorded = _job_from(_read_json(d / JOB_RECORD) or {})
+            if recorded is not None and recorded.id == d.name:  # the daemon's own record: exactly as acknowledged
+                self.jobs[recorded.id] = recorded
+                self._save(recorded)
+                self._event(recorded, "restored", {"from": JOB_RECORD, "store_version": None,
+                                                   "version": recorded.version})
+                log.warning("job %s was missing from the store; restored from %s as %s", d.name, JOB_RECORD,
+                            recorded.state)
                 continue
             try:
                 spec = json.loads((d / "spec.json").read_text())
@@ -340,6 +372,11 @@ class Daemon:
         client waits to have acknowledged."""
         if not self.store:
             return
+        decisive = _decisive(job)
+        if self._recorded.get(job.id) != decisive:  # state, control or allotment changed: record it twice
+            job.version += 1
+            self._recorded[job.id] = decisive
+            _write_job_record(job)
         try:
             self.store.save_job(job)
             self._unsaved.discard(job.id)
@@ -416,6 +453,8 @@ class Daemon:
         job.estimate = int(spec["budget"]) if spec.get("budget") else self.estimate(spec).steady
         try:  # acknowledged only once durable: on a full disk the client hears so and nothing is queued
             (job_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+            job.version, self._recorded[job.id] = 1, _decisive(job)
+            _write_job_record(job)
             self.store.save_job(job)
         except (OSError, DiskFull) as e:
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -1039,6 +1078,33 @@ def _proc_groups(pid: int) -> set[int]:
     except OSError:
         pass
     return set()
+
+
+JOB_RECORD = "job.json"
+
+
+def _decisive(job: Job) -> tuple:
+    """The parts of a job that a lost store must not lose (progress comes back from the seed-log)."""
+    return (job.state, job.control, job.pause_reason, job.finished, job.attempts, job.not_before,
+            job.spec.get("budget"), job.window)
+
+
+def _write_job_record(job: Job) -> None:
+    path = Path(job.job_dir) / JOB_RECORD
+    tmp = path.with_name(JOB_RECORD + ".tmp")
+    try:
+        tmp.write_text(json.dumps(asdict(job)))
+        os.replace(tmp, path)
+    except OSError:  # a full disk or a removed directory: the store still has it
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _job_from(record: dict) -> Job | None:
+    try:
+        return Job(**{k: v for k, v in record.items() if k in JOB_FIELDS})
+    except TypeError:
+        return None
 
 
 def _read_json(path: Path) -> dict | None:

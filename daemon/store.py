@@ -70,6 +70,7 @@ class Job:
     mem_peak: int = 0
     heartbeat: float | None = None
     owner_uid: int | None = None
+    version: int = 0  # bumped on every change of state, control or allotment (see Daemon._save)
     extra: dict = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
@@ -78,7 +79,7 @@ class Job:
         return d
 
 
-_JOB_FIELDS = {f.name for f in fields(Job)}
+JOB_FIELDS = {f.name for f in fields(Job)}
 
 
 class StoreCorrupt(RuntimeError):
@@ -164,7 +165,7 @@ class Store:
         out = []
         for (data,) in self.db.execute("SELECT data FROM jobs ORDER BY seq"):
             d = json.loads(data)
-            out.append(Job(**{k: v for k, v in d.items() if k in _JOB_FIELDS}))
+            out.append(Job(**{k: v for k, v in d.items() if k in JOB_FIELDS}))
         return out
 
     def next_seq(self) -> int:

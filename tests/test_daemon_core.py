@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import os
 import time
@@ -429,6 +430,9 @@ def test_a_lost_store_adopts_job_directories_and_never_reuses_their_ids(core, tm
     'done' with 0 steps (issue 12, item 5)."""
     first = core.enqueue({"name": "rt", **FITS})
     assert first.id == "rt-1"
+    old = core.enqueue({"name": "rt", **FITS})  # a directory from before job.json existed
+    core.cancel(core.enqueue({"name": "rt", **FITS}))
+    (Path(old.job_dir) / "job.json").unlink()
     core.store.close()
     fcntl.flock(core._lock_fd, fcntl.LOCK_UN)
     for f in (tmp_path / "state").glob("edgezo.db*"):
@@ -436,10 +440,32 @@ def test_a_lost_store_adopts_job_directories_and_never_reuses_their_ids(core, tm
     (tmp_path / "state" / "edgezo.db").write_bytes(b"")
     d = _reopen(tmp_path)
     try:
-        adopted = d.jobs["rt-1"]
+        restored = d.jobs["rt-1"]  # its job.json is what the daemon acknowledged: queued, it runs as asked
+        assert restored.state == "queued" and [e["kind"] for e in d.store.events("rt-1")] == ["restored"]
+        assert d.jobs["rt-3"].state == "cancelled"
+        adopted = d.jobs["rt-2"]
         assert adopted.state == "failed" and "adopted from its job directory" in adopted.reason
-        assert [e["kind"] for e in d.store.events("rt-1")] == ["adopted"]
-        assert d.enqueue({"name": "rt", **FITS}).id == "rt-2"
+        assert [e["kind"] for e in d.store.events("rt-2")] == ["adopted"]
+        assert d.enqueue({"name": "rt", **FITS}).id == "rt-4"
+    finally:
+        d.store.close()
+
+
+def test_a_change_the_store_lost_comes_back_from_the_job_directory(core, tmp_path):
+    """A flipped byte in the WAL makes SQLite drop that commit and all later ones without a word: an
+    acknowledged cancel came back undone (issue 12, item 5). Here the store loses the cancel's commit."""
+    job = core.enqueue({"name": "rt", **FITS})
+    before = dataclasses.replace(job, spec=dict(job.spec))
+    core.cancel(job)
+    assert job.state == "cancelled" and job.version > before.version
+    core.store.save_job(before)  # the store rolled back to before the cancel
+    core.store.close()
+    fcntl.flock(core._lock_fd, fcntl.LOCK_UN)
+    d = _reopen(tmp_path)
+    try:
+        assert d.jobs["rt-1"].state == "cancelled"
+        assert "restored" in [e["kind"] for e in d.store.events("rt-1")]
+        assert d.store.load_jobs()[0].state == "cancelled"  # and the store is corrected
     finally:
         d.store.close()
 

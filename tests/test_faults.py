@@ -269,3 +269,31 @@ def test_a_second_user_cannot_make_the_daemon_read_what_they_cannot(daemons, sec
     code, answer = as_user(public)
     assert code == "201", answer
     assert answer["owner_uid"] == second_user.pw_uid
+
+
+# ------------------------------------------------------------------------------ a damaged WAL
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_flipped_byte_in_the_wal_loses_no_acknowledged_change(daemons, where):
+    """SQLite drops a WAL frame whose checksum fails, and every frame after it, silently: once that
+    undid a cancel and lost an enqueue. The job directories' job.json bring them back."""
+    d = daemons(synthetic=FAST).start()
+    later = {"at": "0 0 1 1 *"}  # not before next New Year: stays queued
+    waiting = d.client().request("POST", "/jobs", {"spec": synthetic_spec("wait", steps=5), **later})["id"]
+    cancelled = d.client().request("POST", "/jobs", {"spec": synthetic_spec("gone", steps=5), **later})["id"]
+    d.client().cancel(cancelled)
+    time.sleep(0.5)  # a few more commits (samples) after the cancel
+    d.kill9()  # no checkpoint: the changes are in the WAL only
+    wal = Path(d.state_dir) / "edgezo.db-wal"
+    data = bytearray(wal.read_bytes())
+    page = int.from_bytes(data[8:12], "big")
+    frames = (len(data) - 32) // (24 + page)
+    assert frames > 3
+    k = {"first": 0, "middle": frames // 2, "last": frames - 1}[where]
+    data[32 + k * (24 + page) + 24 + 100] ^= 0xFF
+    wal.write_bytes(bytes(data))
+    d.start()
+    assert d.job(waiting)["state"] == "queued"
+    assert d.job(cancelled)["state"] == "cancelled"
+    new = d.enqueue(synthetic_spec("new", steps=3))["id"]
+    assert new not in (waiting, cancelled)
+    assert d.wait_state(new, "done", 20)["state"] == "done"
