@@ -16,6 +16,7 @@ or "package.module:function" with run_job's signature.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import importlib
@@ -37,7 +38,13 @@ UNREACHABLE_PAUSE_S = 30.0  # no daemon for this long: checkpoint and stop rathe
 
 
 class DaemonHooks(TrainerHooks):
-    """TrainerHooks over the daemon's socket."""
+    """TrainerHooks over the daemon's socket.
+
+    Events go out on a sender thread, in order, so a slow or stalled daemon never holds up a step (a
+    daemon busy with 100 status clients once slowed steps 10x); consecutive step events still waiting
+    are merged into the newest, which is all the daemon keeps. Lease calls, which need the answer,
+    first wait for the events before them, so the daemon sees everything in the worker's order.
+    """
 
     def __init__(self, job_id: str, socket_path: str | None = None, heartbeat_s: float | None = None,
                  log=sys.stdout):
@@ -54,13 +61,26 @@ class DaemonHooks(TrainerHooks):
         self._unreachable_since: float | None = None
         self._leases: set[str] = set()
         self.steps_total: int | None = None
+        self._outbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._outbox_cv = threading.Condition()
+        self._closing = False
+        self._sender: threading.Thread | None = None
 
     # lifecycle ---------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="edgezo-heartbeat", daemon=True)
         self._thread.start()
+        self._sender = threading.Thread(target=self._send_events, name="edgezo-events", daemon=True)
+        self._sender.start()
 
-    def stop(self) -> None:
+    def stop(self, flush_s: float = 30.0) -> None:
+        """Deliver the events still queued (the last says done, paused or failed), then stop."""
+        self._flush(flush_s)
+        with self._outbox_cv:
+            self._closing = True
+            self._outbox_cv.notify_all()
+        if self._sender is not None:
+            self._sender.join(timeout=2)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
@@ -96,12 +116,52 @@ class DaemonHooks(TrainerHooks):
         finally:
             client.close()
 
+    def _send_events(self) -> None:
+        client = Client(self.socket_path, timeout=10)
+        try:
+            while True:
+                with self._outbox_cv:
+                    while not self._outbox and not self._closing:
+                        self._outbox_cv.wait()
+                    if not self._outbox:
+                        return
+                    kind, data = self._outbox[0]
+                try:
+                    self._post("POST", f"/jobs/{self.job_id}/events", {"kind": kind, "data": data}, client=client)
+                except Exception as e:  # the sender, like the heartbeat, outlives any one failure
+                    self._say(f"event {kind} not delivered: {type(e).__name__}: {e}")
+                with self._outbox_cv:
+                    self._outbox.popleft()
+                    self._outbox_cv.notify_all()
+        finally:
+            client.close()
+
+    def _flush(self, timeout: float = 30.0) -> None:
+        """Wait until every queued event has been sent (or `timeout`, or there is no sender)."""
+        end = time.monotonic() + timeout
+        with self._outbox_cv:
+            while self._outbox and self._sender is not None and self._sender.is_alive():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                self._outbox_cv.wait(left)
+
     # TrainerHooks --------------------------------------------------------------------
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         self._say(_describe(kind, data, self))
-        self._post("POST", f"/jobs/{self.job_id}/events", {"kind": kind, "data": _jsonable(data)})
+        item = (kind, _jsonable(data))
+        if self._sender is None:  # not started (tests): deliver inline
+            self._post("POST", f"/jobs/{self.job_id}/events", {"kind": kind, "data": item[1]})
+            return
+        with self._outbox_cv:
+            if kind == "step" and len(self._outbox) > 1 and self._outbox[-1][0] == "step":
+                self._outbox[-1] = item  # not yet being sent: the newer step supersedes it
+            else:
+                self._outbox.append(item)
+            self._outbox_cv.notify_all()
 
     def try_lease(self, phase: str, nbytes: int) -> bool:
+        self._flush()
         answer = self._post("POST", "/leases", {"job": self.job_id, "phase": phase, "bytes": int(nbytes)})
         granted = bool(answer and answer.get("granted"))
         if granted and phase not in self._leases:
@@ -111,6 +171,7 @@ class DaemonHooks(TrainerHooks):
 
     def release_lease(self, phase: str) -> None:
         self._leases.discard(phase)
+        self._flush()
         self._post("DELETE", f"/leases/{self.job_id}/{phase}")
 
     def control(self) -> str:
