@@ -87,11 +87,17 @@ def dense_state(model) -> dict[str, Any]:
 
 def _permuter(arch: str):
     """What to apply to a tensor before writing it, so that transformers' loader gets it back as is."""
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        LlamaTensorProcessor,
-        TensorProcessor,
-    )
+    try:
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            LlamaTensorProcessor,
+            TensorProcessor,
+        )
+    except ImportError as e:
+        import transformers
+
+        raise GGUFExportError(f"transformers {transformers.__version__} lacks the GGUF tensor map edgezo inverts "
+                              f"({e}); upgrade transformers, or export --format safetensors") from None
 
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)
     if processor is TensorProcessor:

@@ -202,6 +202,22 @@ def test_fo_job_exports_its_finished_output(tmp_path, tiny_gguf):
     assert rel_err(_logits(_load_gguf(tiny_gguf)[0], ids), ref) > 3 * F16_BOUND
 
 
+def test_int8_scales_job_is_dequantised_with_its_trained_scales(tmp_path, tiny_gguf):
+    """trainable: scales trains LLM.int8 row scales; the GGUF holds codes × trained scales / 127. The int8
+    model also rounds its activations to int8 (~0.4 % each matmul), so the bound here is 2 %, not f16's."""
+    job = _run(tmp_path, tiny_gguf.parent / "hf", steps=4, precision="int8", trainable="scales",
+               optim={"lr": 1e-2, "eps": 1e-3})
+    gg = tmp_path / "scales.gguf"
+    assert cli_main(["export", str(job), "--format", "gguf", "--base-gguf", str(tiny_gguf), "--out", str(gg)]) == 0
+    from edgezo.export import trained_engine
+
+    engine, _ = trained_engine(job)
+    ids = _ids(engine.tokenizer)
+    ref = _logits(engine.model, ids)
+    assert rel_err(_logits(_load_gguf(gg)[0], ids), ref) < 2e-2
+    assert rel_err(_logits(_load_gguf(tiny_gguf)[0], ids), ref) > 6e-2
+
+
 def test_cli_refuses_bad_requests_clearly(tmp_path, tiny_gguf, capsys):
     job = _run(tmp_path, tiny_gguf, steps=1)
     with pytest.raises(SystemExit) as e:
