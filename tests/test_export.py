@@ -12,7 +12,6 @@ users get) against the trained model's logits. Tolerances:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -304,4 +303,3 @@ def test_packaged_model_exports_q8_0_gguf(tmp_path):
     got = _logits(_load_gguf(out)[0], ids)
     assert rel_err(got, ref) < Q8_BOUND
     assert torch.equal(got[:, -1].argmax(-1), ref[:, -1].argmax(-1))
-    print(json.dumps({"bytes": out.stat().st_size, "rel_err": rel_err(got, ref)}))
