@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("replay", help="rebuild a job's trained weights from base model + seed-log")
     rp.add_argument("job_dir")
-    rp.add_argument("--out", required=True, help="directory for the rebuilt model")
+    rp.add_argument("--out", required=True, help="directory for the rebuilt model (a file with --format gguf)")
     rp.add_argument("--from-base", action="store_true", help="ignore snapshots; replay every step from the base")
     _format_args(rp, required=False)
     rp.set_defaults(func=cmd_replay)
