@@ -238,6 +238,23 @@ def test_cli_refuses_bad_requests_clearly(tmp_path, tiny_gguf, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_daemon_job_id_exports_like_its_directory(tmp_path, tiny_gguf):
+    from tests.daemon_harness import DaemonProc
+
+    d = DaemonProc(None, engine=None).start()
+    try:
+        spec = tiny_spec(tiny_gguf, tmp_path / "data", steps=3, eval_size=0, eval_every=0)
+        job_id = d.enqueue(spec)["id"]
+        info = d.wait_state(job_id, ("done", "failed"), 180)
+        assert info["state"] == "done", d.log()
+        by_id, by_dir = tmp_path / "by-id.gguf", tmp_path / "by-dir.gguf"
+        assert cli_main(["export", job_id, "--socket", str(d.socket), "--format", "gguf", "--out", str(by_id)]) == 0
+        assert cli_main(["export", info["job_dir"], "--format", "gguf", "--out", str(by_dir)]) == 0
+        assert by_id.read_bytes() == by_dir.read_bytes()
+    finally:
+        d.cleanup()
+
+
 def test_a_crash_mid_write_leaves_no_file(tmp_path, tiny_gguf, monkeypatch):
     job = _run(tmp_path, tiny_gguf, steps=1)
     out = tmp_path / "m.gguf"
