@@ -71,12 +71,58 @@ def cmd_replay(args: argparse.Namespace) -> int:
     spec = json.loads((job_dir / "spec.json").read_text())
     if spec.get("method") == "fo":  # backprop steps leave no scalars to redo them from
         raise TrainingError(not_replayable_message(job_dir))
+    out = Path(args.out)
+    if args.format is not None:
+        return _export(job_dir, args, verb="replayed")
+    if args.quant is not None or args.base_gguf is not None:
+        print("error: --quant and --base-gguf go with --format gguf", file=sys.stderr)
+        return 2
     engine = build_engine(spec)
     next_step = restore(engine, job_dir / "seedlog.ezl", use_snapshots=not args.from_base)
-    out = Path(args.out)
     export(engine, out)
     print(f"replayed {next_step} steps of {job_dir} onto the base model -> {out}")
     return 0
+
+
+def _job_dir(job: str, socket: str | None) -> Path:
+    """JOB as a job directory, or a daemon job id looked up through the daemon (which knows its directory)."""
+    from edgezo.export import ExportError
+
+    path = Path(job)
+    if (path / "spec.json").is_file():
+        return path
+    if path.exists() or "/" in job:
+        raise ExportError(f"{job} is not a job directory (no spec.json)")
+    from edgezo.client import ApiError, Client, DaemonNotRunning
+
+    try:
+        info = Client(socket).job(job)
+    except DaemonNotRunning as e:
+        raise ExportError(f"{job} is neither a job directory nor a job id of a running daemon ({e})") from None
+    except ApiError as e:
+        raise ExportError(f"{job} is neither a job directory nor a daemon job ({e})") from None
+    if info.get("state") == "running":
+        print(f"note: {job} is still running; exporting the steps it has logged so far", file=sys.stderr)
+    return Path(info["job_dir"])
+
+
+def _export(job_dir: Path, args: argparse.Namespace, verb: str) -> int:
+    from edgezo.daemon_cli import fmt_bytes
+    from edgezo.export import export_job
+
+    info = export_job(job_dir, args.format, Path(args.out), quant=args.quant, base_gguf=args.base_gguf,
+                      from_base=args.from_base, progress=True)
+    what = args.format + (f" {info['quant']}" if args.format == "gguf" else "")
+    print(f"{verb} {info['steps']} steps of {job_dir} -> {info['path']} ({what}, {fmt_bytes(info['bytes'])})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edgezo.export import check_request, read_spec
+
+    job_dir = _job_dir(args.job, args.socket)
+    check_request(read_spec(job_dir), args.format, args.quant, args.base_gguf)  # before the slow part
+    return _export(job_dir, args, verb="exported")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -156,6 +202,19 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                 daemon.kill()
 
 
+def _format_args(p: argparse.ArgumentParser, required: bool) -> None:
+    from edgezo.export import FORMATS, QUANTS
+
+    p.add_argument("--format", required=required, choices=FORMATS,
+                   help="gguf: one file for llama.cpp/ollama; safetensors: a full transformers directory "
+                        "(LoRA merged); peft: the LoRA adapter alone"
+                        + ("" if required else "; default: the job's own output form"))
+    p.add_argument("--quant", choices=QUANTS, help="GGUF matrix type (default f16; norms stay f32)")
+    p.add_argument("--base-gguf", metavar="FILE",
+                   help="GGUF of the base model, for its tokenizer and metadata (needed when the job's model "
+                        "is a Hugging Face directory other than the packaged default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgezo", description="Zeroth-order fine-tuning under a memory budget.")
     p.add_argument("--version", action="version", version=f"edgezo {__version__}")
@@ -179,9 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("replay", help="rebuild a job's trained weights from base model + seed-log")
     rp.add_argument("job_dir")
-    rp.add_argument("--out", required=True, help="directory for the rebuilt model")
+    rp.add_argument("--out", required=True, help="directory for the rebuilt model (a file with --format gguf)")
     rp.add_argument("--from-base", action="store_true", help="ignore snapshots; replay every step from the base")
+    _format_args(rp, required=False)
     rp.set_defaults(func=cmd_replay)
+
+    ex = sub.add_parser("export", help="write a job's trained model as GGUF, safetensors or a peft adapter")
+    ex.add_argument("job", help="job directory, or a daemon job id")
+    ex.add_argument("--out", required=True, help="file (gguf; a directory gets JOBNAME-QUANT.gguf) or directory")
+    ex.add_argument("--from-base", action="store_true", help="ignore snapshots; replay every step from the base")
+    ex.add_argument("--socket", help="daemon socket path (to look up a job id)")
+    _format_args(ex, required=True)
+    ex.set_defaults(func=cmd_export)
 
     rep = sub.add_parser("report", help="a job's status, metrics and memory (job dir, or job id with a daemon)")
     rep.add_argument("job")
@@ -217,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; the seed-log holds every finished step (edgezo resume JOB_DIR)", file=sys.stderr)
         return 130
     except Exception as e:  # a clear one-line reason beats a traceback for known failures
-        known = {"AssetError", "ModelError", "DataError", "TrainingError", "SeedLogError", "FileNotFoundError"}
+        known = {"AssetError", "ModelError", "DataError", "TrainingError", "SeedLogError", "FileNotFoundError",
+                 "ExportError"}
         if type(e).__name__ in known:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -79,11 +79,26 @@ def load(value: str, precision: str, device: torch.device):
         raise ModelError(f"model: could not load {path}: {e}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if path.is_file():
+        as_plain_model(model, path)
     if precision != "int8":  # bitsandbytes models are placed by device_map and refuse .to()
         model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model, tok, path
+
+
+def as_plain_model(model: nn.Module, path: Path) -> None:
+    """A GGUF-loaded model as an ordinary float model. transformers dequantises every GGUF weight on
+    load (it keeps GGUF blocks only with its optional GPU kernels) yet still marks the model as
+    quantised, and save_pretrained then refuses it, so a job on a .gguf model could not export."""
+    packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if packed:
+        raise ModelError(f"model: transformers kept {path}'s weights in GGUF blocks ({packed[0]}, ...), which "
+                         "cannot be trained; uninstall the `kernels` package or convert the GGUF first")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def int8_kwargs(device: torch.device) -> dict:

@@ -164,3 +164,70 @@ class PauseAt(TrainerHooks):
 
     def control(self):
         return "pause" if self.seen >= self.step else "run"
+
+
+def make_gguf(model_dir: Path, path: Path) -> Path:
+    """The tiny model as an F32 GGUF file, written the way llama.cpp's converter writes a Llama: its
+    hyper-parameters and byte-level BPE vocabulary as metadata, q/k rows permuted into rotary pairs.
+
+    Written here with gguf's writer directly (not with edgezo's exporter), so an export test that uses
+    it as the base checks the exporter against an independent writer and transformers' loader."""
+    import numpy as np
+    from gguf import GGUFWriter, LlamaFileType, TokenType
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    spec = json.loads((Path(model_dir) / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    special = {a["content"] for a in spec.get("added_tokens", []) if a.get("special")}
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def permute(w, n):  # llama.cpp convert_hf_to_gguf.py, LlamaModel.permute
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None)
+                         else float(cfg.rope_theta))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // heads)
+    w.add_vocab_size(len(tokens))
+    w.add_file_type(LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.CONTROL if t in special else TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.add_pad_token_id(cfg.pad_token_id)
+    w.add_add_bos_token(False)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm":
+                 "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    state = load_file(str(Path(model_dir) / "model.safetensors"))
+    for hf, gg in names.items():
+        t = state[hf].float().numpy()
+        if gg.endswith("attn_q.weight"):
+            t = permute(t, heads)
+        elif gg.endswith("attn_k.weight"):
+            t = permute(t, kv_heads)
+        w.add_tensor(gg, np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
