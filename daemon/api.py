@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import edgezo
+from edgezo.disk import job_disk_use
 from edgezo.nvml import rss_bytes
 from edgezo.spec import SpecError
 from policies.memory import fmt_bytes
 
-from .core import Daemon
+from .core import Daemon, NoDiskRoom
 from .http import HTTPError, Request, Response, Router
 from .store import FINAL, DiskFull, Job
 
@@ -82,6 +83,8 @@ def build_router(d: Daemon) -> Router:
             return Response(422, {"error": str(e), "field": e.field, "message": e.message})
         except DiskFull as e:
             raise HTTPError(507, str(e)) from None
+        except NoDiskRoom as e:  # 507 Insufficient Storage
+            return Response(507, {"error": str(e), "need_bytes": e.need, "free_bytes": e.free})
         except RuntimeError as e:
             raise HTTPError(503, str(e)) from None
         return Response(201, d.job_view(job))
@@ -275,6 +278,7 @@ def job_report(d: Daemon, job: Job) -> dict:
     report.setdefault("steps_done", job.step)
     report.setdefault("metrics", {})
     report["memory"] = memory
+    report["disk"] = job_disk_use(Path(job.job_dir), job.spec.get("output"))  # now, not at the job's end
     report["job"] = d.job_view(job)
     return report
 

@@ -30,9 +30,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgezo.spec import SpecError, load_spec, spec_paths
+from edgezo.disk import ModelFilesError, job_disk_use, model_files
+from edgezo.spec import DEFAULTS, SpecError, load_spec, spec_paths
 from edgezo.tensor_names import tensor_names
 from policies import admission
+from policies import disk as disk_policy
 from policies import leases as lease_policy
 from policies import memory as mem
 
@@ -78,6 +80,14 @@ def _free_disk(path: Path) -> int:
         return shutil.disk_usage(path).free
     except OSError:
         return 0
+
+
+class NoDiskRoom(RuntimeError):
+    """A job whose output and snapshots would not fit the free disk (the API answers 507)."""
+
+    def __init__(self, message: str, need: int, free: int):
+        super().__init__(message)
+        self.need, self.free = need, free
 
 
 def _pdeathsig() -> None:
@@ -176,6 +186,7 @@ class Daemon:
         self._recorded: dict[str, tuple] = {}  # job -> what its job.json last recorded (see _save)
         self.disk_full_writes = 0  # store writes a full disk refused (events and samples are dropped)
         self._disk_full_logged = 0.0
+        self._disk_need: dict[str, disk_policy.DiskNeed] = {}  # job -> what it will hold on disk at most
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -437,6 +448,7 @@ class Daemon:
         spec["window"] = window
         self._check_own_budget(spec)
         self._check_files(spec, owner_uid)
+        self._check_disk(spec)
         assert self.store is not None
         seq = max(self.store.next_seq(), self._seq_floor + 1)  # never an id a job directory already had
         job_id = f"{spec['name']}-{seq}"
@@ -546,6 +558,66 @@ class Daemon:
                             f"more than this daemon's whole budget ({mem.fmt_bytes(self.budget)}); lower batch_size or "
                             "max_length, train in int8 with lora, start the daemon with a larger --budget, or declare "
                             "`budget:` if you know it fits")
+
+    def disk_need(self, spec: dict) -> disk_policy.DiskNeed:
+        """What a job will hold on disk at most, from its model's safetensors headers (or, with none to
+        read, its config) and its spec; torch-free."""
+        s = {**DEFAULTS, **spec}
+        try:
+            shapes, side = model_files(s["model"])
+        except ModelFilesError as e:
+            raise SpecError("model", str(e)) from None
+        if shapes is None:
+            shapes = disk_policy.llama_shapes(model_config(s["model"]) or mem.SMOLLM2_135M)
+        return disk_policy.need(
+            shapes, trainable=s["trainable"], precision=s["precision"], method=s["method"],
+            steps=int(s["steps"] or 0), perturbations=int((s["optim"] or {}).get("perturbations", 1)),
+            lora=s["lora"], snapshot_every=s["snapshot_every"], keep=int((s["snapshot"] or {}).get("keep", 1)),
+            side_files=side)
+
+    def _job_disk_need(self, job: Job) -> disk_policy.DiskNeed:
+        need = self._disk_need.get(job.id)
+        if need is None:
+            try:
+                need = self.disk_need(job.spec)
+            except SpecError:  # its model's files changed since enqueue: counted as needing nothing more
+                need = disk_policy.DiskNeed(0, 0, 0, 0)
+            need = self._disk_need[job.id] = need
+        return need
+
+    def _disk_left(self, job: Job) -> int:
+        """What a job has still to write: its expected most, less what its directory holds already."""
+        held = job_disk_use(Path(job.job_dir), job.spec.get("output"))["total_bytes"]
+        return max(0, self._job_disk_need(job).total - held)
+
+    def _disk_free(self) -> tuple[int, int]:
+        """(free bytes on the job directories' filesystem, what running jobs have still to write there)."""
+        promised = sum(self._disk_left(j) for j in self._running())
+        return shutil.disk_usage(self.jobs_dir).free, promised
+
+    def _check_disk(self, spec: dict) -> None:
+        """Refuse a job whose output and snapshots do not fit the free disk now, with the numbers."""
+        need = self.disk_need(spec)
+        free, promised = self._disk_free()
+        why = disk_policy.disk_wait(need.total, free, str(self.jobs_dir), need.describe(), promised)
+        if why:
+            raise NoDiskRoom(f"this job {why}; free some disk, train fewer tensors (trainable: lora or topK), "
+                             "or, for a ZO method, take no snapshots (snapshot_every: 0: the seed-log alone "
+                             "rebuilds the weights)", need.total, free - promised)
+
+    def _wait_for_disk(self, job: Job) -> bool:
+        """True (and the job's reason says why, with the numbers) when what it has still to write does
+        not fit the free disk, less what running jobs have still to write."""
+        need = self._job_disk_need(job)
+        left = self._disk_left(job)
+        free, promised = self._disk_free()
+        detail = need.describe() + (f"; {mem.fmt_bytes(need.total - left)} already written" if left < need.total else "")
+        why = disk_policy.disk_wait(left, free, str(self.jobs_dir), detail, promised)
+        if why and job.reason != f"waiting: {why}":
+            job.reason = f"waiting: {why}"
+            self._event(job, "disk-wait", {"reason": job.reason, "need_bytes": left, "free_bytes": free - promised})
+            self._save(job)
+        return why is not None
 
     def retry(self, job: Job, budget: str | None = None) -> Job:
         """Queue a failed or cancelled job again; its worker resumes from the seed-log, so no step
@@ -825,6 +897,8 @@ class Daemon:
                 when = f" (opens {opening.isoformat(timespec='minutes')})" if opening else ""
                 job.reason = f"waiting: outside its window '{job.window}'{when}"
                 continue
+            if self._wait_for_disk(job):  # before memory: a job that cannot start takes no one's room
+                continue
             candidates.append(admission.Candidate(job.id, self._steady(job), job.queued_at, job.state == "paused"))
         if not candidates:
             return
@@ -854,7 +928,7 @@ class Daemon:
         )
         for d in decisions:
             job = self.jobs[d.job_id]
-            if d.start:
+            if d.start and not self._wait_for_disk(job):  # again: the jobs started just now write too
                 self._start(job, now)
             elif job.reason != d.reason:
                 job.reason = d.reason

@@ -130,7 +130,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     job = Path(args.job)
     if (job / "spec.json").is_file():
+        from edgezo.disk import job_disk_use
+
         report = load_report(job)
+        report["disk"] = job_disk_use(job, json.loads((job / "spec.json").read_text()).get("output"))  # now
         if args.plot:
             print("--plot draws the daemon's memory samples: use it with a daemon job id", file=sys.stderr)
         print(json.dumps(report, indent=2) if args.json else render(report))

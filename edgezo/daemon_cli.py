@@ -312,6 +312,10 @@ def render_report(report: dict) -> str:
         for name, p in (d.get("phases") or {}).items():
             lines.append(f"  {name:10} peak {fmt_bytes(p.get('peak_bytes'))}, avg {fmt_bytes(p.get('avg_bytes'))}, "
                          f"{p.get('duration_s', 0):.1f} s")
+    if report.get("disk") and not report.get("steps_total"):  # render() above shows it otherwise
+        from edgezo.report import disk_line
+
+        lines.append(disk_line(report["disk"]))
     if report.get("job", {}).get("reason"):
         lines.append(f"reason     {report['job']['reason']}")
     return "\n".join(lines)

@@ -86,4 +86,15 @@ def render(report: dict) -> str:
         lines.append(f"error      {report['error']}")
     if report.get("output"):
         lines.append(f"output     {report['output']}")
+    if report.get("disk"):
+        lines.append(disk_line(report["disk"]))
     return "\n".join(lines)
+
+
+def disk_line(d: dict) -> str:
+    """The job directory's disk use by kind (edgezo.disk.job_disk_use)."""
+    n = d.get("snapshots", 0)
+    return (f"disk       {human_bytes(d.get('total_bytes'))} in the job directory: output "
+            f"{human_bytes(d.get('output_bytes'))}, {n} snapshot{'' if n == 1 else 's'} "
+            f"{human_bytes(d.get('snapshot_bytes'))}, seed-log and events {human_bytes(d.get('seedlog_bytes'))}, "
+            f"other {human_bytes(d.get('other_bytes'))}")

@@ -90,7 +90,11 @@ DEFAULTS: dict[str, Any] = {
     "output": None,
     "device": "auto",
     "noise": "auto",  # auto | torch | philox: the Gaussian stream (auto: philox on CUDA with Triton)
-    "snapshot_every": 500,
+    # Snapshots (a full copy of the trainable tensors, + AdamW state for fo) bound how much a resume or
+    # replay must redo. null: take one when redoing the steps since the last would take more than
+    # snapshot.replay_s (measured update time; fo: measured step time); N > 0: every N steps; 0: never.
+    "snapshot_every": None,
+    "snapshot": {"keep": 1, "replay_s": 60.0},  # keep: the newest N survive (older ones are deleted)
     "fsync_every": 1,
 }
 
@@ -270,7 +274,7 @@ def validate(given: dict) -> dict:
     unknown = sorted(set(given) - KNOWN_TOP)
     if unknown:
         raise SpecError(unknown[0], f"unknown field (known: {', '.join(sorted(KNOWN_TOP))})")
-    for section in ("optim", "dizo", "task", "lora", "guard"):
+    for section in ("optim", "dizo", "task", "lora", "guard", "snapshot"):
         if section in given and not isinstance(given[section], dict):
             raise SpecError(section, f"expected a mapping, got {given[section]!r}")
         extra = sorted(set(given.get(section) or {}) - set(DEFAULTS[section]))
@@ -369,7 +373,10 @@ def validate(given: dict) -> dict:
     _num(spec, "eval_every", kind=int, lo=0)
     _num(spec, "eval_size", kind=int, lo=0)
     _num(spec, "seed", kind=int, lo=0, hi=2**63 - 1)  # torch seeds are 64-bit
-    _num(spec, "snapshot_every", kind=int, lo=0)
+    if spec["snapshot_every"] is not None:  # null: by replay cost (snapshot.replay_s)
+        _num(spec, "snapshot_every", kind=int, lo=0)
+    _num(spec, "snapshot.keep", kind=int, lo=1)
+    _num(spec, "snapshot.replay_s", lo=0.0, lo_open=True)
     _num(spec, "fsync_every", kind=int, lo=0)
     if spec["budget"] is not None:
         spec["budget"] = parse_size(spec["budget"], "budget")
@@ -399,11 +406,12 @@ def load_spec(source: str | Path | dict, sets: list[str] | None = None) -> dict:
 def spec_hash(spec: dict) -> str:
     """Stable hash of the fields that change what training computes (not name/window/budget).
 
-    `noise` is left out: "auto" resolves per machine, and the seed-log header pins the stream used.
+    `noise` is left out: "auto" resolves per machine, and the seed-log header pins the stream used;
+    `snapshot` (how many to keep, when replay costs too much) too: it never changes the weights.
     `optim.directions`/`optim.rank` count only for lowrank directions (rank means nothing to dense
     ones), so a dense spec hashes as it did before those fields existed and older logs still resume."""
     keep = {k: v for k, v in spec.items()
-            if k not in ("name", "window", "budget", "output", "fsync_every", "noise")}
+            if k not in ("name", "window", "budget", "output", "fsync_every", "noise", "snapshot")}
     optim = keep.get("optim")
     if isinstance(optim, dict) and optim.get("directions", "dense") == "dense":
         keep["optim"] = {k: v for k, v in optim.items() if k not in ("directions", "rank")}

@@ -22,6 +22,7 @@ import torch
 
 from edgezo import seedlog
 from edgezo.data import bucketed_batch, check_fields, data_path, read_rows
+from edgezo.disk import job_disk_use
 from edgezo.guard import DivergenceGuard, Rollback
 from edgezo.hooks import TrainerHooks
 from edgezo.memory import MemoryMeter, release_free_heap
@@ -29,6 +30,7 @@ from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
 from edgezo.noise import NoiseUnavailable, ZOParam, make_noise, mix
 from edgezo.perturb import Perturber, collect_params
 from edgezo.report import accuracy_gain
+from edgezo.snapshots import SNAPSHOT_DIR, SnapshotClock, fsync_dir, keep_count, prune
 from edgezo.spec import spec_hash
 from edgezo.tasks import make_task
 from edgezo.zo import METHODS, StepRecord, ZOMethod
@@ -59,6 +61,7 @@ class Engine:
     pending_projections: int = 0  # DiZO projections that were due but deferred (no lease yet)
     guard: DivergenceGuard | None = None
     base: object | None = None  # the trainable tensors' starting values (dizo.Theta0), for rollbacks
+    clock: SnapshotClock | None = None  # what a replay since the last snapshot would redo (run_job sets it)
 
 
 def build_engine(spec: dict) -> Engine:
@@ -223,6 +226,8 @@ def roll_back(engine: Engine, rb: Rollback, writer, events: EventLog) -> None:
     with torch.no_grad():
         for p in engine.params:
             p.param.copy_(engine.base.get(p))
+    if engine.clock is not None:  # what this restore replays is what a later one would redo
+        engine.clock.taken()
     restore(engine, writer.path)  # the ROLLBACK frame is in: the steps after rb.to no longer count,
     # and the guard is rebuilt from the log (rolled back, lr lowered), as a resume would rebuild it
     events.emit("rollback", step=rb.at, to=rb.to, lr=engine.method.lr, best_loss=engine.guard.best,
@@ -369,6 +374,9 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
             eval_path = data_path(spec["task"]["eval"], "eval")
             train_rows = read_rows(train_path, "task.train")
             eval_rows = read_rows(eval_path, "task.eval")
+            # every update from here on is timed, a resume's replay included: it is what a replay redoes
+            engine.clock = SnapshotClock.from_spec(spec, torch.cuda.synchronize if engine.device.type == "cuda" else None)
+            engine.clock.watch(engine.method)
             fields = {"task.text_field": spec["task"]["text_field"]}
             check_fields(train_rows, fields, str(train_path))
             train = task.encode(train_rows, str(train_path))
@@ -377,7 +385,7 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
                 task.prefix = shared_prefix(engine, task, first, events)
             evalset = task.encode(eval_rows[: spec["eval_size"]], str(eval_path)) if spec["eval_size"] else []
             log_path = job_dir / "seedlog.ezl"
-            (job_dir / "snapshots").mkdir(exist_ok=True)
+            (job_dir / SNAPSHOT_DIR).mkdir(exist_ok=True)
             if log_path.exists():
                 start = restore(engine, log_path)
                 writer = seedlog.SeedLogWriter.reopen(log_path, spec["fsync_every"])
@@ -472,8 +480,11 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 break
             batch = [train[i] for i in bucketed_batch(lengths, bs, step, spec["seed"])]
             objective = task.step_objective(batch)
+            t_step = time.perf_counter()
             with meter.phase(step_phase):
                 rec = engine.method.step(step, objective.loss if tensor_loss else objective)
+            if fo:  # not replayable: redoing an FO step means running it again
+                engine.clock.add(time.perf_counter() - t_step)
             objective.done()
             finite = all(math.isfinite(g) for g in rec.grads) and math.isfinite(rec.loss)
             if not finite and (engine.guard is None or engine.guard.best is None):
@@ -503,7 +514,7 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
             if proj_due and _maybe_project(engine, task, batch, step, writer, events, meter, hooks):
                 proj_due -= 1
             step += 1
-            if spec["snapshot_every"] and step % spec["snapshot_every"] == 0 and step < total:
+            if step < total and engine.clock.due(step):
                 _snapshot(engine, writer, job_dir, step - 1, events)
             if evalset and spec["eval_every"] and step % spec["eval_every"] == 0 and step < total:
                 eval_due = True
@@ -648,18 +659,24 @@ def fo_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
 
 
 def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog) -> None:
-    name = f"snapshots/step-{step:08d}.safetensors"
+    """Write the trainable tensors (+ AdamW state for fo), make the files and their seed-log record
+    durable, and only then delete all but the newest `snapshot.keep`: a crash at any point leaves
+    a snapshot the log points at (or none, when there was none before)."""
+    t0 = time.monotonic()
+    name = f"{SNAPSHOT_DIR}/step-{step:08d}.safetensors"
     record = {"step": step, "file": name}
     state_tensors = getattr(engine.method, "state_tensors", None)
     if state_tensors is not None:  # method: fo: the AdamW moments, without which resume would diverge
-        record["optim"] = f"snapshots/optim-{step:08d}.safetensors"
+        record["optim"] = f"{SNAPSHOT_DIR}/optim-{step:08d}.safetensors"
         save_trainable(engine, job_dir / record["optim"], state_tensors())
     save_trainable(engine, job_dir / name)
+    fsync_dir(job_dir / SNAPSHOT_DIR)  # the renames into place
     writer.append(seedlog.SNAPSHOT, record, sync=True)
-    for pattern in ("step-*.safetensors", "optim-*.safetensors"):
-        for old in sorted((job_dir / "snapshots").glob(pattern))[:-2]:
-            old.unlink()  # two are enough: the newest, and one in case it is being written
-    events.emit("snapshot", step=step)
+    deleted = prune(job_dir, keep_count(engine.spec))
+    nbytes = sum((job_dir / record[k]).stat().st_size for k in ("file", "optim") if k in record)
+    events.emit("snapshot", step=step, bytes=nbytes, deleted=len(deleted), replay_s=engine.clock.debt_s,
+                seconds=time.monotonic() - t0)
+    engine.clock.taken()
 
 
 def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter: MemoryMeter, steps_done: int,
@@ -683,6 +700,7 @@ def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter
         "memory": meter.summary(),
         "guard": {"rollbacks": len(rollbacks), "events": rollbacks},  # never a silent return to worse weights
         "output": str(job_dir / spec["output"]),
+        "disk": job_disk_use(job_dir, spec["output"]),  # what the job leaves on disk, by kind
     }
 
 
