@@ -59,7 +59,8 @@ def _guard(fn):
 def cmd_daemon(args) -> int:
     """Run the daemon in the foreground (systemd runs it the same way, Type=notify)."""
     from daemon.core import Config
-    from daemon.main import default_state_dir, serve
+    from daemon.main import serve
+    from daemon.store import default_state_dir
     from edgezo.spec import SpecError, parse_size
 
     user = args.user or not _is_root()  # without root there is no /var/lib/edgezo or /run/edgezo to use
