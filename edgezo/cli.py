@@ -80,18 +80,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from edgezo import daemon_cli
     from edgezo.report import load_report, render
 
     job = Path(args.job)
-    if (job / "spec.json").is_file():
-        report = load_report(job)
+    if (job / "spec.json").is_file():  # a job directory: no daemon involved
         if args.plot:
-            print("--plot draws the daemon's memory samples: use it with a daemon job id", file=sys.stderr)
+            daemon_cli.write_plots(job, args.plot)
+        report = load_report(job)
         print(json.dumps(report, indent=2) if args.json else render(report))
         return 0
-    from edgezo import daemon_cli
-
-    return daemon_cli.remote_report(args.job, args.json, args.plot, socket=getattr(args, "socket", None))
+    return daemon_cli.remote_report(args.job, args.json, args.plot, socket=args.socket, state_dir=args.state_dir)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -100,6 +99,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     from edgezo.client import Client, DaemonNotRunning, discover_socket
     from edgezo.daemon_cli import render_report
+    from edgezo.progress import follow_job
 
     sock = discover_socket(args.socket)
     client = Client(sock, timeout=30)
@@ -131,22 +131,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         load_spec(DEFAULT_SPEC, args.set)  # validate here, naming the field
         job = client.enqueue(read_spec_file(DEFAULT_SPEC), sets=args.set)
         job_id = job["id"]
-        print(f"enqueued {job_id}; following it (Ctrl-C stops following, the job goes on)", file=sys.stderr)
-        last = ""
-        while True:
-            info = client.job(job_id)
-            state = info.get("state")
-            line = (f"{job_id}: {state}, step {info.get('step', 0)}/{info.get('steps_total') or '?'}"
-                    + (f", phase {info['phase']}" if info.get("phase") else "")
-                    + (f" ({info['reason']})" if info.get("reason") and state != "running" else ""))
-            if line != last:
-                print(line, file=sys.stderr, flush=True)
-                last = line
-            if state in ("done", "failed", "cancelled"):
-                break
-            time.sleep(2)
-        print(render_report(client.report(job_id)))
-        return 0 if state == "done" else 1
+        print(f"enqueued {job_id}; following it (Ctrl-C stops following" + (", and the daemon started here: the job "
+              "pauses, resumable from its seed-log)" if daemon else "; the job goes on)"), file=sys.stderr)
+        info = follow_job(client, job_id, sys.stderr)
+        report = client.report(job_id)
+        print(render_report(report))
+        _quickstart_plots(Path(info["job_dir"]), job_id)
+        return 0 if info.get("state") == "done" else 1
     finally:
         if daemon is not None and not args.keep_daemon:
             daemon.terminate()
@@ -154,6 +145,24 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                 daemon.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 daemon.kill()
+            from daemon.store import default_state_dir
+
+            print(f"stopped the daemon started here (--keep-daemon leaves it running; README: \"Keep a daemon "
+                  f"running\"); `edgezo status` and `edgezo report JOB` still answer, from {default_state_dir(True)}",
+                  file=sys.stderr)
+
+
+def _quickstart_plots(job_dir: Path, job_id: str) -> None:
+    """The job's memory timeline and loss/accuracy chart, drawn from its directory (no daemon needed);
+    into the job directory, or the current one where that is not writable (a system daemon's job)."""
+    from edgezo.plots import plot_job
+
+    try:
+        written = plot_job(job_dir, job_dir / "memory.png", job_dir / "training.png")
+    except OSError:
+        written = plot_job(job_dir, Path(f"{job_id}-memory.png").resolve(), Path(f"{job_id}-training.png").resolve())
+    for i, (path, what) in enumerate(written):
+        print(f"{'plots' if i == 0 else '':11}{path}  ({what})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,14 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--from-base", action="store_true", help="ignore snapshots; replay every step from the base")
     rp.set_defaults(func=cmd_replay)
 
-    rep = sub.add_parser("report", help="a job's status, metrics and memory (job dir, or job id with a daemon)")
+    rep = sub.add_parser("report", help="a job's status, metrics and memory (job dir, or daemon job id)")
     rep.add_argument("job")
     rep.add_argument("--json", action="store_true")
-    rep.add_argument("--plot", metavar="PNG", help="memory timeline plot (daemon jobs)")
+    rep.add_argument("--plot", metavar="PNG", help="memory timeline plot, and the loss/accuracy chart beside it "
+                     "(PNG's name + -training)")
     rep.add_argument("--socket", help="daemon socket path")
+    rep.add_argument("--state-dir", help="with a job id and no daemon running: the state directory to read "
+                     "(default: the user-mode one, then /var/lib/edgezo)")
     rep.set_defaults(func=cmd_report)
 
-    q = sub.add_parser("quickstart", help="start a user-mode daemon, run the default job on it, print its report")
+    q = sub.add_parser("quickstart", help="start a user-mode daemon, run the default job on it with a progress line, "
+                       "print its report and plots")
     q.add_argument("--socket", help="daemon socket (default: the user-mode socket)")
     q.add_argument("--budget", help="memory budget for a daemon started here (e.g. 6GiB)")
     q.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a field of the default spec")
