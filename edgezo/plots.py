@@ -71,11 +71,13 @@ def plot_memory(timeline: dict, png: str | Path) -> int:
     budget = timeline.get("budget_bytes")
     if budget:
         ax.axhline(budget / 2**20, color="#c00000", ls="--", lw=1.2, label="budget")
-    ax.set_ylim(bottom=0)  # memory from zero: the steady state's size, not just its wiggles
+    top = max([s["bytes"] for s in samples] + [budget or 0] + [d["usage"] or 0 for d in timeline.get("device") or []])
+    ax.set_ylim(0, 1.12 * top / 2**20 or 1)  # from zero: the steady state's size, not just its wiggles
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("MiB")
     ax.set_title(f"memory of {timeline.get('job')}")
-    ax.legend(loc="upper left", fontsize=8)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(loc="lower right", fontsize=8)  # memory is drawn from zero: the bottom is free
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
