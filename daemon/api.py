@@ -20,6 +20,7 @@ from edgezo.nvml import rss_bytes
 from edgezo.spec import SpecError
 from policies.memory import fmt_bytes
 
+from . import views
 from .core import Daemon, NoDiskRoom
 from .http import HTTPError, Request, Response, Router
 from .store import FINAL, DiskFull, Job
@@ -136,17 +137,7 @@ def build_router(d: Daemon) -> Router:
 
     async def memory(req: Request) -> Response:
         job = job_of(req)
-        samples = d.store.samples(job.id)
-        t0 = samples[0][0] if samples else (job.started or time.time())
-        t1 = samples[-1][0] if samples else t0
-        dev = d.store.device_samples(t0, t1)
-        return Response(body={
-            "job": job.id,
-            "budget_bytes": d.budget,
-            "samples": [{"ts": ts, "bytes": b, "phase": p} for ts, b, p in samples],
-            "device": [{"ts": s[0], "usage": s[1], "edgezo": s[2], "leased": s[3]} for s in dev],
-            "summary": d.memory(job),
-        })
+        return Response(body=views.memory_timeline(d.store, job, d.budget, d.memory(job)))
 
     async def device(req: Request) -> Response:
         return Response(body=d.device_view())
@@ -258,28 +249,8 @@ async def _follow_file(d: Daemon, job: Job, path: Path, offset: int) -> AsyncIte
 
 def job_report(d: Daemon, job: Job) -> dict:
     """The trainer's report.json (when it wrote one) plus the daemon's own memory accounting."""
-    path = Path(job.job_dir) / "report.json"
-    report: dict = {}
-    if path.exists():
-        try:
-            report = json.loads(path.read_text())
-        except ValueError:
-            report = {}
-    daemon_mem = d.memory(job)
-    daemon_mem["budget_bytes"] = d.budget
-    memory = report.get("memory") or {
-        "meter": daemon_mem["meter"],
-        "peak_bytes": daemon_mem["peak_bytes"],
-        "avg_bytes": daemon_mem["avg_bytes"],
-        "phases": daemon_mem["phases"],
-    }
-    memory["daemon"] = daemon_mem
-    report.setdefault("status", job.state)
-    report.setdefault("steps_done", job.step)
-    report.setdefault("metrics", {})
-    report["memory"] = memory
+    report = views.job_report(Path(job.job_dir), d.job_view(job), {**d.memory(job), "budget_bytes": d.budget})
     report["disk"] = job_disk_use(Path(job.job_dir), job.spec.get("output"))  # now, not at the job's end
-    report["job"] = d.job_view(job)
     return report
 
 

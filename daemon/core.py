@@ -41,7 +41,7 @@ from policies import memory as mem
 from . import access, sdnotify, windows
 from .leases import Lease, LeaseBroker
 from .monitor import DeviceState, Monitor
-from .store import ACTIVE, FINAL, JOB_FIELDS, DiskFull, Job, Store, StoreCorrupt
+from .store import ACTIVE, FINAL, JOB_FIELDS, DiskFull, Job, Store, StoreCorrupt, find_job
 from .store import is_disk_full as store_is_disk_full
 
 log = logging.getLogger("edgezo.daemon")
@@ -426,12 +426,7 @@ class Daemon:
             self._disk_full_logged = now
 
     def find(self, ref: str) -> Job | None:
-        if ref in self.jobs:
-            return self.jobs[ref]
-        named = [j for j in self.jobs.values() if j.name == ref]
-        if named:
-            return max(named, key=lambda j: j.seq)
-        return None
+        return find_job(self.jobs, ref)
 
     def enqueue(self, raw: dict, *, sets: list[str] | None = None, window: str | None = None,
                 at: str | None = None, owner_uid: int | None = None) -> Job:

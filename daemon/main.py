@@ -19,15 +19,6 @@ from .http import BACKLOG, MAX_CONNECTIONS, Server
 log = logging.getLogger("edgezo.daemon")
 
 
-def default_state_dir(user: bool) -> Path:
-    if os.environ.get("STATE_DIRECTORY"):
-        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-    if user:
-        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        return Path(base) / "edgezo"
-    return Path("/var/lib/edgezo")
-
-
 def bind_socket(path: Path, group: str = "edgezo") -> socket.socket:
     """Listen on `path` with mode 0660 (group `group` where it exists). Refuses a live socket."""
     path.parent.mkdir(parents=True, exist_ok=True)

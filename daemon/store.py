@@ -2,6 +2,7 @@
 
 The daemon is the only writer. Jobs live in memory as `Job` objects and are written through on
 every change; events and samples are appended and read back for logs, reports and /metrics.
+`ReadOnlyStore` reads the same file when no daemon runs (the CLI's fallback).
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ CREATE TABLE IF NOT EXISTS device_samples (
     ts REAL NOT NULL, used INTEGER, edgezo INTEGER, leased INTEGER, free INTEGER, budget INTEGER
 );
 """
+
+def default_state_dir(user: bool) -> Path:
+    """Where a daemon keeps its store and job directories: systemd's $STATE_DIRECTORY, else
+    $XDG_STATE_HOME/edgezo or ~/.local/state/edgezo (user mode), else /var/lib/edgezo."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if user:
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "edgezo"
+    return Path("/var/lib/edgezo")
+
 
 # queued: never ran; paused: ran before and resumes from its seed-log; running includes starting.
 ACTIVE = ("queued", "paused", "running")
@@ -80,6 +92,14 @@ class Job:
 
 
 JOB_FIELDS = {f.name for f in fields(Job)}
+
+
+def find_job(jobs: dict[str, Job], ref: str) -> Job | None:
+    """A job by id, else the newest job of that name (`edgezo report rt-sentiment` means the last one)."""
+    if ref in jobs:
+        return jobs[ref]
+    named = [j for j in jobs.values() if j.name == ref]
+    return max(named, key=lambda j: j.seq) if named else None
 
 
 class StoreCorrupt(RuntimeError):
@@ -206,6 +226,27 @@ class Store:
                 (since, until),
             )
         )
+
+
+class ReadOnlyStore(Store):
+    """The store opened read-only, for `edgezo status`/`report`/`logs` when no daemon answers: jobs,
+    events and samples as the daemon left them. Nothing is checked, repaired or locked. A daemon that
+    stopped cleanly left no write-ahead log: the file is then read as immutable, since a read-only
+    WAL reader would create empty -wal/-shm files beside it; with a log (a killed daemon), SQLite's
+    `mode=ro` reads it too, never writing the database or the log (only the -shm index, where every
+    reader keeps its read marks), and a daemon starting meanwhile is never blocked by the reader."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no job store at {self.path}")
+        wal = self.path.with_name(self.path.name + "-wal").exists()
+        uri = f"{self.path.resolve().as_uri()}?mode=ro" + ("" if wal else "&immutable=1")
+        try:
+            self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            self.db.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as e:
+            raise StoreCorrupt(f"cannot read the job store {self.path}: {e}") from None
 
 
 def memory_summary(samples: list[tuple[float, int, str]]) -> dict[str, Any]:

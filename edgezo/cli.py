@@ -126,21 +126,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from edgezo import daemon_cli
     from edgezo.report import load_report, render
 
     job = Path(args.job)
-    if (job / "spec.json").is_file():
+    if (job / "spec.json").is_file():  # a job directory: no daemon involved
+        if args.plot:
+            daemon_cli.write_plots(job, args.plot)
         from edgezo.disk import job_disk_use
 
         report = load_report(job)
         report["disk"] = job_disk_use(job, json.loads((job / "spec.json").read_text()).get("output"))  # now
-        if args.plot:
-            print("--plot draws the daemon's memory samples: use it with a daemon job id", file=sys.stderr)
         print(json.dumps(report, indent=2) if args.json else render(report))
         return 0
-    from edgezo import daemon_cli
-
-    return daemon_cli.remote_report(args.job, args.json, args.plot, socket=getattr(args, "socket", None))
+    return daemon_cli.remote_report(args.job, args.json, args.plot, socket=args.socket, state_dir=args.state_dir)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -149,6 +148,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     from edgezo.client import Client, DaemonNotRunning, discover_socket
     from edgezo.daemon_cli import render_report
+    from edgezo.progress import follow_job
 
     sock = discover_socket(args.socket)
     client = Client(sock, timeout=30)
@@ -180,22 +180,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         load_spec(DEFAULT_SPEC, args.set)  # validate here, naming the field
         job = client.enqueue(read_spec_file(DEFAULT_SPEC), sets=args.set)
         job_id = job["id"]
-        print(f"enqueued {job_id}; following it (Ctrl-C stops following, the job goes on)", file=sys.stderr)
-        last = ""
-        while True:
-            info = client.job(job_id)
-            state = info.get("state")
-            line = (f"{job_id}: {state}, step {info.get('step', 0)}/{info.get('steps_total') or '?'}"
-                    + (f", phase {info['phase']}" if info.get("phase") else "")
-                    + (f" ({info['reason']})" if info.get("reason") and state != "running" else ""))
-            if line != last:
-                print(line, file=sys.stderr, flush=True)
-                last = line
-            if state in ("done", "failed", "cancelled"):
-                break
-            time.sleep(2)
-        print(render_report(client.report(job_id)))
-        return 0 if state == "done" else 1
+        print(f"enqueued {job_id}; following it (Ctrl-C stops following" + (", and the daemon started here: the job "
+              "pauses, resumable from its seed-log)" if daemon else "; the job goes on)"), file=sys.stderr)
+        info = follow_job(client, job_id, sys.stderr)
+        report = client.report(job_id)
+        print(render_report(report))
+        _quickstart_plots(Path(info["job_dir"]), job_id)
+        return 0 if info.get("state") == "done" else 1
     finally:
         if daemon is not None and not args.keep_daemon:
             daemon.terminate()
@@ -203,6 +194,24 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                 daemon.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 daemon.kill()
+            from daemon.store import default_state_dir
+
+            print(f"stopped the daemon started here (--keep-daemon leaves it running; README: \"Keep a daemon "
+                  f"running\"); `edgezo status` and `edgezo report JOB` still answer, from {default_state_dir(True)}",
+                  file=sys.stderr)
+
+
+def _quickstart_plots(job_dir: Path, job_id: str) -> None:
+    """The job's memory timeline and loss/accuracy chart, drawn from its directory (no daemon needed);
+    into the job directory, or the current one where that is not writable (a system daemon's job)."""
+    from edgezo.plots import plot_job
+
+    try:
+        written = plot_job(job_dir, job_dir / "memory.png", job_dir / "training.png")
+    except OSError:
+        written = plot_job(job_dir, Path(f"{job_id}-memory.png").resolve(), Path(f"{job_id}-training.png").resolve())
+    for i, (path, what) in enumerate(written):
+        print(f"{'plots' if i == 0 else '':11}{path}  ({what})")
 
 
 def _format_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -246,22 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     _format_args(rp, required=False)
     rp.set_defaults(func=cmd_replay)
 
-    ex = sub.add_parser("export", help="write a job's trained model as GGUF, safetensors or a peft adapter")
-    ex.add_argument("job", help="job directory, or a daemon job id")
-    ex.add_argument("--out", required=True, help="file (gguf; a directory gets JOBNAME-QUANT.gguf) or directory")
-    ex.add_argument("--from-base", action="store_true", help="ignore snapshots; replay every step from the base")
-    ex.add_argument("--socket", help="daemon socket path (to look up a job id)")
-    _format_args(ex, required=True)
-    ex.set_defaults(func=cmd_export)
-
-    rep = sub.add_parser("report", help="a job's status, metrics and memory (job dir, or job id with a daemon)")
+    rep = sub.add_parser("report", help="a job's status, metrics and memory (job dir, or daemon job id)")
     rep.add_argument("job")
     rep.add_argument("--json", action="store_true")
-    rep.add_argument("--plot", metavar="PNG", help="memory timeline plot (daemon jobs)")
+    rep.add_argument("--plot", metavar="PNG", help="memory timeline plot, and the loss/accuracy chart beside it "
+                     "(PNG's name + -training)")
     rep.add_argument("--socket", help="daemon socket path")
+    rep.add_argument("--state-dir", help="with a job id and no daemon running: the state directory to read "
+                     "(default: the user-mode one, then /var/lib/edgezo)")
     rep.set_defaults(func=cmd_report)
 
-    q = sub.add_parser("quickstart", help="start a user-mode daemon, run the default job on it, print its report")
+    q = sub.add_parser("quickstart", help="start a user-mode daemon, run the default job on it with a progress line, "
+                       "print its report and plots")
     q.add_argument("--socket", help="daemon socket (default: the user-mode socket)")
     q.add_argument("--budget", help="memory budget for a daemon started here (e.g. 6GiB)")
     q.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a field of the default spec")

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgezo.client import ApiError, Client, DaemonNotRunning, system_socket, user_socket
+from edgezo.client import ApiError, Client, DaemonNotRunning, DaemonUnresponsive, system_socket, user_socket
 
 GiB = 1024**3
 
@@ -36,12 +36,22 @@ def _client(args) -> Client:
     return Client(getattr(args, "socket", None))
 
 
+class CliError(Exception):
+    """A failure said in one line, with its exit code (2: the request was wrong)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
 def _guard(fn):
     """Turn 'no daemon' and API errors into one clear line and an exit code."""
 
     def wrapped(args) -> int:
         try:
             return fn(args)
+        except CliError as e:
+            return _fail(str(e), e.code)
         except DaemonNotRunning as e:
             return _fail(str(e), 3)
         except ApiError as e:
@@ -55,11 +65,37 @@ def _guard(fn):
     return wrapped
 
 
+def _state_dir(state_dir: str | None, error: DaemonNotRunning):
+    """No daemon answers: the state directory to read instead (`daemon.views.StateDir`), saying so.
+    A daemon that is there but stalled is not absent: its error stands, as it does with no store."""
+    if isinstance(error, DaemonUnresponsive):
+        raise error
+    from daemon.store import StoreCorrupt
+    from daemon.views import StateDir, find_state_dir
+
+    path = find_state_dir(state_dir)
+    if path is None:
+        raise error
+    print(f"(no daemon running; read from {path})", file=sys.stderr)
+    try:
+        return StateDir(path)
+    except StoreCorrupt as e:
+        raise CliError(str(e)) from None
+
+
+def _stored_job(state, ref: str):
+    job = state.find(ref)
+    if job is None:
+        raise CliError(f"no job {ref!r} in {state.path}", 2)
+    return job
+
+
 # ------------------------------------------------------------------------------ daemon
 def cmd_daemon(args) -> int:
     """Run the daemon in the foreground (systemd runs it the same way, Type=notify)."""
     from daemon.core import Config
-    from daemon.main import default_state_dir, serve
+    from daemon.main import serve
+    from daemon.store import default_state_dir
     from edgezo.spec import SpecError, parse_size
 
     user = args.user or not _is_root()  # without root there is no /var/lib/edgezo or /run/edgezo to use
@@ -237,14 +273,27 @@ def render_job(job: dict) -> str:
 
 @_guard
 def cmd_status(args) -> int:
-    """`ollama ps` for fine-tuning jobs; with JOB, one job in detail."""
+    """`ollama ps` for fine-tuning jobs; with JOB, one job in detail; with --watch, its progress line
+    until it ends. Without a daemon, what its state directory says."""
+    if args.watch and not args.job:
+        return _fail("--watch follows one job: edgezo status JOB --watch", 2)
     c = _client(args)
-    if args.job:
-        job = c.job(args.job)
+    try:
+        if args.watch:
+            from edgezo.progress import follow_job
+
+            info = follow_job(c, c.job(args.job)["id"], sys.stdout)
+            return 0 if info.get("state") == "done" else 1
+        job = c.job(args.job) if args.job else None
+        listing = None if args.job else c.jobs()
+    except DaemonNotRunning as e:
+        with _state_dir(args.state_dir, e) as state:
+            job = state.view(_stored_job(state, args.job)) if args.job else None
+            listing = None if args.job else state.listing()
+    if job is not None:
         print(json.dumps(job, indent=2) if args.json else render_job(job))
-        return 0
-    listing = c.jobs()
-    print(json.dumps(listing, indent=2) if args.json else render_status(listing))
+    else:
+        print(json.dumps(listing, indent=2) if args.json else render_status(listing))
     return 0
 
 
@@ -271,30 +320,51 @@ def cmd_logs(args) -> int:
     from urllib.parse import quote
 
     path = f"/jobs/{quote(args.job, safe='')}/logs"
-    if args.follow:
-        for chunk in c.stream(path + "?follow=1"):
-            sys.stdout.write(chunk.decode(errors="replace"))
-            sys.stdout.flush()
-        return 0
-    sys.stdout.write(c.request("GET", path))
+    try:
+        if args.follow:
+            for chunk in c.stream(path + "?follow=1"):
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            return 0
+        sys.stdout.write(c.request("GET", path))
+    except DaemonNotRunning as e:  # nothing runs without a daemon: the log as it was left
+        with _state_dir(args.state_dir, e) as state:
+            sys.stdout.write(state.log(_stored_job(state, args.job)))
     return 0
 
 
 # ------------------------------------------------------------------------------ report
-def remote_report(job: str, as_json: bool = False, plot_png: str | None = None, socket: str | None = None) -> int:
-    """`edgezo report JOB` for a daemon job: the trainer's report plus the daemon's memory accounting."""
+def remote_report(job: str, as_json: bool = False, plot_png: str | None = None, socket: str | None = None,
+                  state_dir: str | None = None) -> int:
+    """`edgezo report JOB` for a daemon job: the trainer's report plus the daemon's memory accounting;
+    from the state directory when no daemon runs."""
 
     @_guard
     def run(_args) -> int:
         c = Client(socket)
-        report = c.report(job)
+        try:
+            report = c.report(job)
+            timeline = c.memory(job) if plot_png else None
+        except DaemonNotRunning as e:
+            with _state_dir(state_dir, e) as state:
+                stored = _stored_job(state, job)
+                report = state.report(stored)
+                timeline = state.timeline(stored) if plot_png else None
         if plot_png:
-            plot_memory(c.memory(job), plot_png)
-            print(f"wrote {plot_png}", file=sys.stderr)
+            write_plots(Path(report["job"]["job_dir"]), plot_png, timeline=timeline)
         print(json.dumps(report, indent=2) if as_json else render_report(report))
         return 0
 
     return run(None)
+
+
+def write_plots(job_dir: Path, png: str, timeline: dict | None = None) -> None:
+    """`--plot PNG`: the memory timeline to PNG (the daemon's samples when given, else the job
+    directory's), the loss/accuracy chart beside it; each path is said on stderr."""
+    from edgezo.plots import plot_job
+
+    for path, what in plot_job(job_dir, png, timeline=timeline):
+        print(f"wrote {path} ({what})", file=sys.stderr)
 
 
 def render_report(report: dict) -> str:
@@ -321,50 +391,14 @@ def render_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_memory(timeline: dict, png: str) -> None:
-    """The job's memory over time, phases shaded, the device budget as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    samples = timeline.get("samples") or []
-    fig, ax = plt.subplots(figsize=(9, 4))
-    if samples:
-        t0 = samples[0]["ts"]
-        xs = [s["ts"] - t0 for s in samples]
-        ys = [s["bytes"] / 2**20 for s in samples]
-        colours = {}
-        palette = ["#cfe8ff", "#ffe1c4", "#d9f2d0", "#f3d1f4", "#fff3b0", "#e0e0e0"]
-        start = 0
-        for i in range(1, len(samples) + 1):
-            if i == len(samples) or samples[i]["phase"] != samples[start]["phase"]:
-                phase = samples[start]["phase"]
-                colour = colours.setdefault(phase, palette[len(colours) % len(palette)])
-                end = xs[i] if i < len(samples) else xs[-1]
-                ax.axvspan(xs[start], end, color=colour, alpha=0.8, lw=0,
-                           label=phase if phase not in ax.get_legend_handles_labels()[1] else None)
-                start = i
-        ax.plot(xs, ys, color="#1f4e79", lw=1.5, label="job memory")
-        dev = timeline.get("device") or []
-        if dev:
-            ax.plot([d["ts"] - t0 for d in dev], [d["usage"] / 2**20 for d in dev], color="#888", lw=1, ls=":",
-                    label="all jobs (budgeted usage)")
-    budget = timeline.get("budget_bytes")
-    if budget:
-        ax.axhline(budget / 2**20, color="#c00000", ls="--", lw=1.2, label="budget")
-    ax.set_xlabel("seconds since start")
-    ax.set_ylabel("MiB")
-    ax.set_title(f"memory of {timeline.get('job')}")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------ wiring
 def _socket_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", help="daemon socket (default: $EDGEZO_SOCKET, then the user and system defaults)")
+
+
+def _state_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", help="read this state directory when no daemon answers (default: the user-mode "
+                   "one, then /var/lib/edgezo)")
 
 
 def add_commands(sub) -> None:
@@ -404,10 +438,13 @@ def add_commands(sub) -> None:
     _socket_arg(e)
     e.set_defaults(func=cmd_enqueue)
 
-    s = sub.add_parser("status", help="jobs on the daemon (like `ollama ps`)")
+    s = sub.add_parser("status", help="jobs on the daemon (like `ollama ps`); without one, its state directory")
     s.add_argument("job", nargs="?")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--watch", action="store_true", help="follow JOB: a progress line (loss, steps/s, ETA, "
+                   "memory, phase, lease) until it ends")
     _socket_arg(s)
+    _state_dir_arg(s)
     s.set_defaults(func=cmd_status)
 
     c = sub.add_parser("cancel", help="cancel a queued or running job")
@@ -425,6 +462,7 @@ def add_commands(sub) -> None:
     lg.add_argument("job")
     lg.add_argument("-f", "--follow", action="store_true")
     _socket_arg(lg)
+    _state_dir_arg(lg)
     lg.set_defaults(func=cmd_logs)
 
 
@@ -437,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--json", action="store_true")
     r.add_argument("--plot", metavar="PNG")
     _socket_arg(r)
-    r.set_defaults(func=lambda a: remote_report(a.job, a.json, a.plot, a.socket))
+    _state_dir_arg(r)
+    r.set_defaults(func=lambda a: remote_report(a.job, a.json, a.plot, a.socket, a.state_dir))
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -22,6 +22,7 @@ already uses torch then); importing this module stays light.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -37,13 +38,15 @@ import psutil
 
 from edgezo import nvml
 
-__all__ = ["KNOWN_PHASES", "Accumulator", "MemoryMeter", "format_bytes"]
+__all__ = ["KNOWN_PHASES", "Accumulator", "MemoryLog", "MemoryMeter", "format_bytes", "read_memory_log"]
 
 KNOWN_PHASES = ("zo_step", "fo_step", "eval", "projection", "export", "load")
 NO_PHASE = ""  # the timeline's phase for readings taken outside any phase
 # Preferred primary source on a CUDA device, best first; on CPU it is always "rss".
 CUDA_PRIMARY_ORDER = ("nvml_process", "torch_reserved", "rss")
 MAX_TIMELINE_POINTS = 5000
+MEMORY_LOG = "memory.jsonl"  # the worker's own samples, in the job directory
+MEMORY_LOG_EVERY_S = 1.0
 MAX_ERRORS_KEPT = 20
 
 # One reading: source name -> (level bytes, peak bytes since the previous reading).
@@ -134,6 +137,70 @@ class _Timeline:
 
     def points(self) -> list[tuple[float, str, int]]:
         return self._points + ([self._pending] if self._pending else [])
+
+
+class MemoryLog:
+    """The meter's readings appended to ``memory.jsonl`` in the job directory, so a finished job's
+    memory timeline can be drawn from its directory alone (no daemon, no store).
+
+    One line ``{"t": wall-clock s, "phase", "bytes", "source"}`` at most every ``every`` seconds,
+    holding the most memory read since the previous line, plus up to two at each phase change (the
+    old phase's last, the new one's first), so short phases show and a 10-minute job writes about
+    600 lines. Readings between phases (the loop's own
+    work between two steps) count to the phase before them. Wall-clock times let a resumed run
+    append to the same file. A torn last line (a crash mid-write) is skipped by the reader.
+    """
+
+    def __init__(self, path: Path, every: float = MEMORY_LOG_EVERY_S, clock: Callable[[], float] = time.time):
+        self.path, self.every, self._clock = Path(path), float(every), clock
+        self._phase: str | None = None
+        self._written = float("-inf")
+        self._most: tuple[float, int, str] | None = None  # (t, bytes, source) of the largest unwritten reading
+
+    def add(self, phase: str, nbytes: int, source: str) -> None:
+        now = self._clock()
+        phase = phase or self._phase or NO_PHASE  # between two steps is still training, not a new phase
+        if not phase:
+            return  # the instant before the first phase (load) begins
+        if phase != self._phase:
+            self.flush()
+            self._write(now, phase, nbytes, source)
+            return
+        if self._most is None or nbytes > self._most[1]:
+            self._most = (now, nbytes, source)
+        if now - self._written >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the largest reading not written yet (at a phase change, and when the run ends)."""
+        if self._most is not None and self._phase:
+            t, most, source = self._most
+            self._most = None
+            self._write(t, self._phase, most, source)
+
+    def _write(self, t: float, phase: str, nbytes: int, source: str) -> None:
+        self._phase, self._written = phase, self._clock()
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"t": round(t, 3), "phase": phase, "bytes": int(nbytes), "source": source}) + "\n")
+        except OSError:
+            pass  # a full disk must not take the trainer down; the report still has the summary
+
+
+def read_memory_log(job_dir: Path) -> list[dict]:
+    """A job directory's memory samples (``MemoryLog`` lines), oldest first; [] when it has none."""
+    path = Path(job_dir) / MEMORY_LOG
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a torn last line
+        if isinstance(row, dict) and isinstance(row.get("t"), (int, float)) and isinstance(row.get("bytes"), int):
+            out.append(row)
+    return out
 
 
 
@@ -243,6 +310,7 @@ class MemoryMeter:
         track_rss_peak: bool = True,
         max_timeline_points: int = MAX_TIMELINE_POINTS,
         clock: Callable[[], float] = time.monotonic,
+        on_reading: Callable[[str, int, str], None] | None = None,
     ) -> None:
         self.kind, self._cuda_index = _parse_device(device)
         self.interval = float(interval)
@@ -261,6 +329,7 @@ class MemoryMeter:
         self._overall: dict[str, Accumulator] = {}
         self._phases: dict[str, _PhaseStats] = {}
         self._timeline = _Timeline(max_timeline_points)
+        self._on_reading = on_reading  # (phase, primary-source bytes, source), e.g. MemoryLog.add
         self._samples = 0
         self._errors: list[str] = []
         self._error_count = 0
@@ -371,6 +440,8 @@ class MemoryMeter:
         primary = self._first_present(reading)
         if primary is not None:
             self._timeline.add(t, after, reading[primary][0])
+            if self._on_reading is not None:
+                self._on_reading(after, reading[primary][0], primary)
 
     def _error(self, source: str, exc: BaseException) -> None:
         self._error_count += 1

@@ -25,7 +25,7 @@ from edgezo.data import bucketed_batch, check_fields, data_path, read_rows
 from edgezo.disk import job_disk_use
 from edgezo.guard import DivergenceGuard, Rollback
 from edgezo.hooks import TrainerHooks
-from edgezo.memory import MemoryMeter, release_free_heap
+from edgezo.memory import MEMORY_LOG, MemoryLog, MemoryMeter, release_free_heap
 from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
 from edgezo.noise import NoiseUnavailable, ZOParam, make_noise, mix
 from edgezo.perturb import Perturber, collect_params
@@ -363,7 +363,9 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
     spec = json.loads((job_dir / "spec.json").read_text())
     events = EventLog(job_dir / "events.jsonl", hooks, verbose=progress)
     device = resolve_device(spec["device"])
-    meter = MemoryMeter(device=f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu", interval=0.1)
+    memory_log = MemoryLog(job_dir / MEMORY_LOG)  # the job's own samples: its plots need no daemon
+    meter = MemoryMeter(device=f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu", interval=0.1,
+                        on_reading=memory_log.add)
     meter.start()
     try:
         with _phase(meter, events, "load"):
@@ -397,6 +399,7 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
         report = _train(engine, task, train, evalset, writer, events, meter, hooks, start, job_dir, progress)
     finally:
         meter.stop()
+        memory_log.flush()
     return report
 
 

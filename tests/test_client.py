@@ -37,7 +37,8 @@ def test_no_daemon_gives_a_clear_message(tmp_path):
     with pytest.raises(DaemonNotRunning) as e:
         Client(sock).jobs()
     assert str(e.value).startswith(f"no edgezo daemon at {sock}: start one with `edgezo daemon --user`")
-    r = subprocess.run([sys.executable, "-m", "edgezo.daemon_cli", "status", "--socket", str(sock)],
+    r = subprocess.run([sys.executable, "-m", "edgezo.daemon_cli", "status", "--socket", str(sock),
+                        "--state-dir", str(tmp_path / "no-state")],  # and no state directory to read instead
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 3 and "no edgezo daemon at" in r.stderr
 

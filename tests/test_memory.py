@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgezo.memory import Accumulator, MemoryMeter, format_bytes
+from edgezo.memory import Accumulator, MemoryLog, MemoryMeter, format_bytes, read_memory_log
 
 MIB = 1 << 20
 
@@ -312,3 +312,18 @@ def test_cuda_meter_sees_allocation():
         assert s["sources"]["nvml_process"]["peak_bytes"] > 0  # includes the CUDA context
     else:
         assert s["meter"] == "torch_reserved"
+
+
+def test_memory_log_writes_at_a_bounded_rate_and_at_each_phase_change(tmp_path):
+    now = [1000.0]
+    log = MemoryLog(tmp_path / "memory.jsonl", every=1.0, clock=lambda: now[0])
+    for i in range(100):  # 10 s of readings every 0.1 s; eval from 5 s to 6 s; between steps no phase
+        now[0] = 1000.0 + i / 10
+        phase = "eval" if 50 <= i < 60 else ("" if i % 2 else "zo_step")
+        log.add(phase, 100 + i + (1000 if i == 33 else 0), "rss")
+    rows = read_memory_log(tmp_path)
+    assert 10 <= len(rows) <= 14  # about one a second, plus the two changes
+    assert [r["phase"] for r in rows].count("eval") >= 1 and "" not in [r["phase"] for r in rows]
+    assert max(r["bytes"] for r in rows) == 1133  # a spike between two lines is kept
+    (tmp_path / "memory.jsonl").open("a").write('{"t": 1, "pha')  # a torn last line is skipped
+    assert len(read_memory_log(tmp_path)) == len(rows)

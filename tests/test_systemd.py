@@ -48,6 +48,31 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     assert "SocketMode=0660" in (UNITS / "edgezo.socket").read_text()
 
 
+def test_user_unit_runs_the_user_mode_daemon_and_verifies(tmp_path):
+    """`systemctl --user enable --now edgezo.service` (README, "Keep a daemon running"): the state and
+    socket quickstart and the CLI look for, started at login, never as another user."""
+    unit = (UNITS / "user" / "edgezo.service").read_text()
+    for key in ("Type=notify", "ExecStart=%h/.local/bin/edgezo daemon --user", "WatchdogSec=", "Restart=on-failure",
+                "KillMode=mixed", "LimitNOFILE=65536", "WantedBy=default.target"):
+        assert key in unit
+    for absent in ("User=", "Group=", "StateDirectory=", "RuntimeDirectory="):  # systemd's would not be ours
+        assert absent not in unit
+    readme = (UNITS.parent / "README.md").read_text()
+    install = 'sed "s|%h/.local/bin/edgezo|$(command -v edgezo)|" systemd/user/edgezo.service'
+    assert install in readme and "systemctl --user enable --now edgezo.service" in readme
+    analyze = shutil.which("systemd-analyze")
+    if not analyze:
+        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+    # the README's install command, with this checkout's interpreter for the edgezo script; checked by
+    # the system manager's rules (`--user verify` needs a running user manager, which CI lacks)
+    (tmp_path / "edgezo.service").write_text(unit.replace("%h/.local/bin/edgezo daemon",
+                                                          f"{sys.executable} -m edgezo.cli daemon"))
+    r = subprocess.run([analyze, "verify", str(tmp_path / "edgezo.service")], capture_output=True, text=True,
+                       timeout=60)
+    ours = [line for line in (r.stdout + r.stderr).splitlines() if "edgezo" in line]
+    assert r.returncode == 0 and not ours, r.stdout + r.stderr
+
+
 def test_notify_sends_datagrams_to_path_and_abstract(dgram):
     s, path = dgram
     assert sdnotify.notify("READY=1\nSTATUS=hi", {"NOTIFY_SOCKET": str(path)})
