@@ -596,7 +596,7 @@ class Daemon:
         free, promised = self._disk_free()
         why = disk_policy.disk_wait(need.total, free, str(self.jobs_dir), need.describe(), promised)
         if why:
-            raise NoDiskRoom(f"this job {why}; free some disk, train fewer tensors (trainable: lora or topK), "
+            raise NoDiskRoom(f"not queued: this job {why}; free some disk, train fewer tensors (trainable: lora or topK), "
                              "or, for a ZO method, take no snapshots (snapshot_every: 0: the seed-log alone "
                              "rebuilds the weights)", need.total, free - promised)
 

@@ -255,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     _format_args(rp, required=False)
     rp.set_defaults(func=cmd_replay)
 
+    ex = sub.add_parser("export", help="write a job's trained model as GGUF, safetensors or a peft adapter")
+    ex.add_argument("job", help="job directory, or a daemon job id")
+    ex.add_argument("--out", required=True, help="file (gguf; a directory gets JOBNAME-QUANT.gguf) or directory")
+    ex.add_argument("--from-base", action="store_true", help="ignore snapshots; replay every step from the base")
+    ex.add_argument("--socket", help="daemon socket path (to look up a job id)")
+    _format_args(ex, required=True)
+    ex.set_defaults(func=cmd_export)
+
     rep = sub.add_parser("report", help="a job's status, metrics and memory (job dir, or daemon job id)")
     rep.add_argument("job")
     rep.add_argument("--json", action="store_true")

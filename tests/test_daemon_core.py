@@ -259,6 +259,25 @@ def test_a_job_allotted_more_than_the_whole_budget_is_refused_at_enqueue(core):
     assert not core.jobs
 
 
+def test_an_enqueue_the_store_cannot_keep_is_refused_and_leaves_nothing(core):
+    """Acknowledged only once durable: SQLite's own "database or disk is full" (a page cap here; the
+    tmpfs test in test_fault_disk_full.py stops earlier, at the disk check) refuses the job whole."""
+    from daemon.store import DiskFull
+
+    kept = core.enqueue({"name": "kept", "batch_size": 1, "max_length": 32})
+    (pages,) = core.store.db.execute("PRAGMA page_count").fetchone()
+    core.store.db.execute(f"PRAGMA max_page_count={pages}")
+    with pytest.raises(DiskFull) as e:
+        core.enqueue({"name": "lost", "batch_size": 1, "max_length": 32,
+                      "task": {"template": "Review: {text}" + " " * 20000 + "\\nSentiment:"}})  # needs new pages
+    assert "not queued" in str(e.value)
+    assert list(core.jobs) == [kept.id] and [j.id for j in core.store.load_jobs()] == [kept.id]
+    assert sorted(p.name for p in core.jobs_dir.iterdir()) == [kept.id]  # no directory left behind
+    core.store.db.execute(f"PRAGMA max_page_count={pages + 1000}")
+    again = core.enqueue({"name": "lost", "batch_size": 1, "max_length": 32})
+    assert again.id != kept.id and [j.id for j in core.store.load_jobs()] == [kept.id, again.id]
+
+
 def test_over_its_own_budget_outside_leases_fails_after_the_grace(core):
     job = _running(core, "own", 1.0, phase="load")
     job.spec["budget"] = 100 * MiB
