@@ -17,13 +17,14 @@ from pathlib import Path
 import edgezo
 from edgezo.disk import job_disk_use
 from edgezo.nvml import rss_bytes
+from edgezo.protocol import FINAL, JobState
 from edgezo.spec import SpecError
 from policies.memory import fmt_bytes
 
 from . import views
 from .core import Daemon, NoDiskRoom
 from .http import HTTPError, Request, Response, Router
-from .store import FINAL, DiskFull, Job
+from .store import DiskFull, Job
 
 
 def build_router(d: Daemon) -> Router:
@@ -151,7 +152,7 @@ def build_router(d: Daemon) -> Router:
     async def create_lease(req: Request) -> Response:
         body = req.json()
         job = d.find(str(body.get("job", "")))
-        if job is None or job.state != "running":
+        if job is None or job.state != JobState.RUNNING:
             raise HTTPError(409, f"no running job {body.get('job')!r}")
         try:
             nbytes = int(body.get("bytes", 0))
@@ -181,7 +182,10 @@ def build_router(d: Daemon) -> Router:
             raise HTTPError(400, str(e)) from None
 
     async def heartbeat(req: Request) -> Response:
-        return Response(body=d.heartbeat(job_of(req)))
+        try:
+            return Response(body=d.heartbeat(job_of(req), req.json()))
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
 
     async def metrics(req: Request) -> Response:
         return Response(body=prometheus(d), content_type="text/plain; version=0.0.4; charset=utf-8")
@@ -273,12 +277,12 @@ def prometheus(d: Daemon) -> str:
         metric("usage_bytes", "gauge", "Memory counted against the budget.", [({}, dev.usage)])
         metric("headroom_bytes", "gauge", "What a new job or lease may take now.", [({}, d.headroom())])
         metric("external_bytes", "gauge", "Device memory used outside edgezo workers.", [({}, dev.external)])
-    states = ("queued", "paused", "running", "done", "failed", "cancelled")
+    states = tuple(JobState)
     counts = {s: 0 for s in states}
     for j in d.jobs.values():
         counts[j.state] = counts.get(j.state, 0) + 1
     metric("jobs", "gauge", "Jobs by state.", [({"state": s}, n) for s, n in counts.items()])
-    running = [j for j in d.jobs.values() if j.state == "running"]
+    running = [j for j in d.jobs.values() if j.state == JobState.RUNNING]
     metric("job_memory_bytes", "gauge", "A running job's measured memory.", [({"job": j.id}, j.mem_now) for j in running])
     metric("job_memory_peak_bytes", "gauge", "A running job's peak memory.", [({"job": j.id}, j.mem_peak) for j in running])
     metric("job_step", "gauge", "Steps done.", [({"job": j.id}, j.step) for j in running])

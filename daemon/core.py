@@ -31,6 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from edgezo.disk import ModelFilesError, job_disk_use, model_files
+from edgezo.protocol import (
+    ACTIVE,
+    FINAL,
+    Control,
+    Event,
+    Exit,
+    JobState,
+    Phase,
+    checked_event,
+    checked_fields,
+)
 from edgezo.spec import DEFAULTS, SpecError, load_spec, spec_paths
 from edgezo.tensor_names import tensor_names
 from policies import admission
@@ -41,13 +52,10 @@ from policies import memory as mem
 from . import access, sdnotify, windows
 from .leases import Lease, LeaseBroker
 from .monitor import DeviceState, Monitor
-from .store import ACTIVE, FINAL, JOB_FIELDS, DiskFull, Job, Store, StoreCorrupt, find_job
+from .store import JOB_FIELDS, DiskFull, Job, Store, StoreCorrupt, find_job
 from .store import is_disk_full as store_is_disk_full
 
 log = logging.getLogger("edgezo.daemon")
-
-EXIT_DONE, EXIT_FAILED, EXIT_PAUSED, EXIT_CANCELLED, EXIT_DISK_FULL = 0, 1, 3, 4, 5
-
 
 @dataclass
 class Config:
@@ -108,47 +116,6 @@ def _pid_is_worker(pid: int, job_id: str) -> bool:
 
 
 _JOB_SEQ = re.compile(r"-([0-9]{1,12})$")  # job ids are {name}-{seq}
-_PHASE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
-_EVENT_FIELDS: dict[str, tuple[type, ...]] = {  # what the daemon reads from a worker's event, and its types
-    "steps_total": (int,), "resumed_from": (int, type(None)), "step": (int,),
-    "loss": (int, float, type(None)), "steps_per_s": (int, float, type(None)), "phase": (str,), "state": (str,),
-}
-
-
-def checked_event(kind: str, data: Any) -> dict:
-    """A worker event's fields, checked before anything is stored: one malformed field (a list where a
-    phase name belongs) once made the next database insert raise and ended the daemon."""
-    if not isinstance(kind, str) or not _PHASE_NAME.fullmatch(kind):
-        raise ValueError(f"event kind must be a short lower-case name, got {str(kind)[:40]!r}")
-    if not isinstance(data, dict):
-        raise ValueError(f"event data must be an object, got {type(data).__name__}")
-    for name, types in _EVENT_FIELDS.items():
-        value = data.get(name)
-        if name in data and (not isinstance(value, types) or isinstance(value, bool)):
-            raise ValueError(f"event field {name!r} must be {' or '.join(t.__name__ for t in types)}, "
-                             f"got {type(value).__name__}")
-    if "phase" in data and not _PHASE_NAME.fullmatch(data["phase"]):
-        raise ValueError(f"event field 'phase' must be a short lower-case name, got {data['phase'][:40]!r}")
-    if data.get("state", "begin") not in ("begin", "end"):
-        raise ValueError("event field 'state' must be 'begin' or 'end'")
-    try:
-        json.dumps(data, allow_nan=True)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"event data cannot be stored: {e}") from None
-    return data
-
-
-def _step_phase(job: Job) -> str:
-    """What a job's training steps are called: `fo_step` for the first-order baseline (method: fo, which
-    holds an `fo_step` lease for its whole run), `zo_step` for every ZO method."""
-    return "fo_step" if (job.spec or {}).get("method") == "fo" else "zo_step"
-
-
-def _phase_after_heavy(job: Job) -> str:
-    """Back to training steps, or, with every step done, on to the end (status showed `zo_step` at 60/60)."""
-    return "export" if job.steps_total and job.step >= job.steps_total else _step_phase(job)
-
-
 class Daemon:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -187,6 +154,8 @@ class Daemon:
         self.disk_full_writes = 0  # store writes a full disk refused (events and samples are dropped)
         self._disk_full_logged = 0.0
         self._disk_need: dict[str, disk_policy.DiskNeed] = {}  # job -> what it will hold on disk at most
+        self._worker_phase: dict[str, str] = {}  # job -> the phase its worker last stated
+        self._phase_seq: dict[str, int] = {}  # job -> the sequence number of that statement
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -257,7 +226,7 @@ class Daemon:
                 continue
             done = report.get("status") == "done"
             job = Job(id=d.name, seq=int(m.group(1)), name=str(spec.get("name", d.name)), spec=spec, job_dir=str(d),
-                      created=d.stat().st_mtime, state="done" if done else "failed",
+                      created=d.stat().st_mtime, state=JobState.DONE if done else JobState.FAILED,
                       steps_total=int(spec.get("steps", 0) or 0), step=int(report.get("steps_done", 0) or 0),
                       reason="" if done else "adopted from its job directory after the store lost it; "
                       "`edgezo retry` resumes it from its seed-log")
@@ -270,11 +239,11 @@ class Daemon:
         """Jobs that were running when the previous daemon died resume from their seed-logs."""
         now = time.time()
         for job in self.jobs.values():
-            if job.state != "running":
+            if job.state != JobState.RUNNING:
                 continue
             if job.pid and _pid_is_worker(job.pid, job.id):
                 self._reap_orphan(job.pid)
-            job.state, job.pid, job.control, job.phase = "paused", None, "run", ""
+            job.state, job.pid, job.control, job.phase = JobState.PAUSED, None, Control.RUN, ""
             job.reason = "resuming after daemon restart (from its seed-log)"
             job.queued_at = now
             job.heartbeat = None
@@ -359,7 +328,7 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         for job in self._running():
-            job.control = "pause"
+            job.control = Control.PAUSE
             job.pause_reason = "daemon stopped; resumes when it starts again"
             self._save(job)
         deadline = time.time() + self.cfg.stop_timeout_s
@@ -375,7 +344,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ jobs
     def _running(self) -> list[Job]:
-        return [j for j in self.jobs.values() if j.state == "running"]
+        return [j for j in self.jobs.values() if j.state == JobState.RUNNING]
 
     def _save(self, job: Job) -> None:
         """Write a job through to the store. On a full disk the change stays in memory (it is in
@@ -498,12 +467,12 @@ class Daemon:
     def cancel(self, job: Job) -> Job:
         if job.state in FINAL:
             return job
-        if job.state == "running":
-            job.control = "stop"
+        if job.state == JobState.RUNNING:
+            job.control = Control.STOP
             job.reason = "cancelling: waiting for the worker to stop at a step boundary"
             self._spawn_task(self._escalate(job.id, self.procs.get(job.id)))
         else:
-            job.state, job.finished, job.reason = "cancelled", time.time(), "cancelled before it ran"
+            job.state, job.finished, job.reason = JobState.CANCELLED, time.time(), "cancelled before it ran"
             self.timers.forget(job.id)
         self._event(job, "cancel", {"state": job.state})
         self.wake()
@@ -617,7 +586,7 @@ class Daemon:
     def retry(self, job: Job, budget: str | None = None) -> Job:
         """Queue a failed or cancelled job again; its worker resumes from the seed-log, so no step
         done is lost. `budget` replaces the job's own budget (it is not part of the spec hash)."""
-        if job.state not in ("failed", "cancelled"):
+        if job.state not in (JobState.FAILED, JobState.CANCELLED):
             raise ValueError(f"job {job.id} is {job.state}; only failed or cancelled jobs can be retried")
         if budget is not None:
             value = None if budget.strip().lower() in ("", "null", "none") else budget
@@ -631,7 +600,7 @@ class Daemon:
         if failure.exists():  # kept for the record, but no longer this run's reason
             failure.replace(failure.with_name(f"failure.{int(time.time())}.json"))
         was = job.reason
-        job.state, job.reason, job.control, job.pause_reason = "queued", "", "run", ""
+        job.state, job.reason, job.control, job.pause_reason = JobState.QUEUED, "", Control.RUN, ""
         job.queued_at, job.finished, job.attempts = time.time(), None, 0
         self._event(job, "retry", {"previous": was, "budget": job.spec.get("budget")})
         self._watch_time(job)
@@ -663,32 +632,41 @@ class Daemon:
         data = checked_event(kind, data)
         now = time.time()
         job.heartbeat = now
-        if kind == "start":
+        if kind == Event.START:
             job.steps_total = int(data.get("steps_total", job.steps_total))
             job.step = int(data.get("resumed_from", job.step) or 0)
-            self._enter_phase(job, _step_phase(job), now)
-        elif kind == "step":
-            job.step = int(data.get("step", job.step)) + 1
+        elif kind == Event.STEP:
+            job.step = int(data.get("step", job.step)) + 1  # the index of the step finished: a count now
             job.loss = data.get("loss")
             job.steps_per_s = data.get("steps_per_s")
-            if job.phase in ("", "load", "starting"):
-                self._enter_phase(job, _step_phase(job), now)
-        elif kind == "phase":
-            p, state = data.get("phase", ""), data.get("state", "begin")
-            self._enter_phase(job, p if state == "begin" else _phase_after_heavy(job), now)
+        self._worker_says(job, data, now)
         self._event(job, kind, data)
-        if kind != "step":  # steps are saved with the next memory sample (see `sample`)
+        if kind != Event.STEP:  # steps are saved with the next memory sample (see `sample`)
             self._save(job)
         return {"control": job.control}
 
-    def heartbeat(self, job: Job) -> dict:
-        job.heartbeat = time.time()
+    def heartbeat(self, job: Job, body: Any = None) -> dict:
+        """A worker's heartbeat: it is alive, and in the phase it states (ValueError when malformed)."""
+        now = time.time()
+        job.heartbeat = now
+        if isinstance(body, dict) and body:
+            self._worker_says(job, checked_fields(body), now)
         return {"control": job.control, "heartbeat_s": self.cfg.heartbeat_s}
+
+    def _worker_says(self, job: Job, data: dict, now: float) -> None:
+        """The phase the worker states (edgezo.protocol.PhaseTracker); an older statement that arrives
+        late (a heartbeat overtaking an event) is ignored."""
+        phase, seq = data.get("worker_phase"), data.get("phase_seq")
+        if phase is None or seq is None or seq <= self._phase_seq.get(job.id, -1):
+            return
+        self._phase_seq[job.id] = seq
+        self._worker_phase[job.id] = phase
+        self._enter_phase(job, phase, now)
 
     def lease_request(self, job: Job, phase: str, nbytes: int) -> Lease:
         now = time.time()
         job.heartbeat = now
-        if job.control == "stop":  # never granted: the worker sees control=stop in the answer and stops
+        if job.control == Control.STOP:  # never granted: the worker sees control=stop in the answer and stops
             return Lease(0, job.id, phase, int(nbytes), now, now)
         lease = self.leases.request(job.id, phase, nbytes, now)
         if lease.granted is None and not self.stopping:
@@ -700,8 +678,8 @@ class Daemon:
 
     def lease_release(self, job: Job, phase: str) -> Lease | None:
         lease = self.leases.release(job.id, phase)
-        if lease is not None and job.phase == phase:
-            self._enter_phase(job, _phase_after_heavy(job), time.time())
+        if lease is not None and job.phase == phase:  # granted, never used: back to what the worker last said
+            self._enter_phase(job, self._worker_phase.get(job.id, job.phase), time.time())
         self.wake()
         return lease
 
@@ -722,11 +700,11 @@ class Daemon:
             used = self.device.jobs.get(job.id, 0)
             job.mem_now = used
             job.mem_peak = max(job.mem_peak, used)
-            if used and job.phase == "zo_step" and job.step >= 1 and not self.leases.of_job(job.id):
+            if used and job.phase == Phase.ZO_STEP and job.step >= 1 and not self.leases.of_job(job.id):
                 job.measured = max(job.measured or 0, used)  # the estimate, refined by measurement
             if job.pid:
-                rows.append((job.id, now, used, job.phase or "load"))
-                self._sampled.setdefault(job.id, set()).add(job.phase or "load")
+                rows.append((job.id, now, used, job.phase or Phase.LOAD))
+                self._sampled.setdefault(job.id, set()).add(job.phase or Phase.LOAD)
                 self._accumulate(job.id, now, used)
             self._save(job)
         if self.store:
@@ -792,7 +770,7 @@ class Daemon:
     def _unblock_leases(self, now: float) -> None:
         """Break a lease deadlock that has lasted `lease_max_wait_s` (policies.leases.unblock decides)."""
         running, pending = self._running(), self.leases.waiting()
-        if not pending or not self.cfg.leases or any(j.control != "run" for j in running):
+        if not pending or not self.cfg.leases or any(j.control != Control.RUN for j in running):
             self.blocked_since = None  # nothing waits, or someone is already pausing or stopping
             return
         waiting = [lease_policy.Request(x.key, x.job_id, x.phase, x.nbytes, x.requested) for x in pending]
@@ -816,14 +794,14 @@ class Daemon:
 
     def _heartbeat_of(self, job_id: str) -> float | None:
         job = self.jobs.get(job_id)
-        if job is None or job.state != "running":
+        if job is None or job.state != JobState.RUNNING:
             return None
         return job.heartbeat
 
     def _enforce_windows(self, now: float) -> None:
         dt = datetime.fromtimestamp(now, timezone.utc)
         for job in self._running():
-            if job.window and job.control == "run" and not windows.in_window(job.window, dt):
+            if job.window and job.control == Control.RUN and not windows.in_window(job.window, dt):
                 self._pause(job, f"outside its window '{job.window}'")
 
     def _relieve_pressure(self, now: float) -> None:
@@ -837,9 +815,9 @@ class Daemon:
             self.over_since = now
         if now - self.over_since < self.cfg.pressure_grace_s:
             return
-        if any(j.control == "pause" for j in self._running()):
+        if any(j.control == Control.PAUSE for j in self._running()):
             return  # one at a time: wait for that one to checkpoint and free its memory
-        victims = [(j.id, j.started or 0.0) for j in self._running() if j.control == "run"]
+        victims = [(j.id, j.started or 0.0) for j in self._running() if j.control == Control.RUN]
         victim = admission.pressure_victim(victims, over)
         if victim:
             self._pause(self.jobs[victim], f"memory pressure: {mem.fmt_bytes(dev.usage)} used, "
@@ -854,8 +832,8 @@ class Daemon:
             cap = job.spec.get("budget")
             used = self._usage(job.id)
             leased = any(x.granted is not None for x in self.leases.of_job(job.id))
-            steady = job.phase == "zo_step" and not leased  # not loading, evaluating or projecting
-            if not cap or job.control != "run" or not steady or used <= int(cap):
+            steady = job.phase == Phase.ZO_STEP and not leased  # not loading, evaluating or projecting
+            if not cap or job.control != Control.RUN or not steady or used <= int(cap):
                 self.over_own_since.pop(job.id, None)
                 continue
             since = self.over_own_since.setdefault(job.id, now)
@@ -867,13 +845,13 @@ class Daemon:
         log.warning("job %s: failing: %s", job.id, reason)
         self.failing[job.id] = reason
         self.over_own_since.pop(job.id, None)
-        job.control, job.reason = "stop", f"failing: {reason}"
+        job.control, job.reason = Control.STOP, f"failing: {reason}"
         self._event(job, "fail", {"reason": reason})
         self._save(job)
         self._spawn_task(self._escalate(job.id, self.procs.get(job.id)))
 
     def _pause(self, job: Job, why: str) -> None:
-        job.control = "pause"
+        job.control = Control.PAUSE
         job.pause_reason = why
         self._event(job, "pause", {"reason": why})
         self._save(job)
@@ -882,7 +860,7 @@ class Daemon:
         dt = datetime.fromtimestamp(now, timezone.utc)
         candidates = []
         for job in self.jobs.values():
-            if job.state not in ("queued", "paused"):
+            if job.state not in (JobState.QUEUED, JobState.PAUSED):
                 continue
             if job.not_before and now < job.not_before:
                 job.reason = f"waiting: starts at {datetime.fromtimestamp(job.not_before).isoformat(timespec='minutes')}"
@@ -894,7 +872,7 @@ class Daemon:
                 continue
             if self._wait_for_disk(job):  # before memory: a job that cannot start takes no one's room
                 continue
-            candidates.append(admission.Candidate(job.id, self._steady(job), job.queued_at, job.state == "paused"))
+            candidates.append(admission.Candidate(job.id, self._steady(job), job.queued_at, job.state == JobState.PAUSED))
         if not candidates:
             return
         free = _free_disk(self.jobs_dir)
@@ -940,11 +918,13 @@ class Daemon:
 
     # ------------------------------------------------------------------ workers
     def _start(self, job: Job, now: float) -> None:
-        resumed = job.state == "paused"
-        job.state, job.control, job.reason, job.phase = "running", "run", "", "load"
+        resumed = job.state == JobState.PAUSED
+        job.state, job.control, job.reason, job.phase = JobState.RUNNING, Control.RUN, "", Phase.LOAD
         job.pause_reason = ""
         job.started, job.heartbeat = now, now
         job.attempts += 1
+        self._phase_seq.pop(job.id, None)  # a new worker counts its statements from 0
+        self._worker_phase.pop(job.id, None)
         self._event(job, "admitted", {"need_bytes": self._steady(job), "resume": resumed,
                                       "headroom_bytes": self.headroom()})
         self._save(job)
@@ -997,23 +977,23 @@ class Daemon:
         job.pid, job.heartbeat = None, None
         job_dir = Path(job.job_dir)
         failure = _read_json(job_dir / "failure.json")
-        report = _read_json(job_dir / "report.json") if rc == EXIT_DONE else None
-        if rc == EXIT_DONE:
-            job.state, job.reason = "done", ""
+        report = _read_json(job_dir / "report.json") if rc == Exit.DONE else None
+        if rc == Exit.DONE:
+            job.state, job.reason = JobState.DONE, ""
             if report:
                 job.step = int(report.get("steps_done", job.step))
         elif job.id in self.failing:
-            job.state, job.reason = "failed", self.failing.pop(job.id)
-        elif job.control == "stop" and rc in (EXIT_CANCELLED, EXIT_PAUSED) or (job.control == "stop" and rc and rc < 0):
-            job.state, job.reason = "cancelled", "cancelled"
-        elif rc == EXIT_CANCELLED:
+            job.state, job.reason = JobState.FAILED, self.failing.pop(job.id)
+        elif job.control == Control.STOP and rc in (Exit.CANCELLED, Exit.PAUSED) or (job.control == Control.STOP and rc and rc < 0):
+            job.state, job.reason = JobState.CANCELLED, "cancelled"
+        elif rc == Exit.CANCELLED:
             job.state, job.reason = "cancelled", "cancelled by the worker"
-        elif rc == EXIT_PAUSED:
-            job.state = "paused"
+        elif rc == Exit.PAUSED:
+            job.state = JobState.PAUSED
             job.reason = job.pause_reason or "paused"
             job.queued_at = now
-        elif rc == EXIT_DISK_FULL:  # every step it finished is in its seed-log; it resumes when there is room
-            job.state, job.queued_at = "paused", now
+        elif rc == Exit.DISK_FULL:  # every step it finished is in its seed-log; it resumes when there is room
+            job.state, job.queued_at = JobState.PAUSED, now
             job.reason = (f"paused: the disk under {job_dir} filled up "
                           f"({(failure or {}).get('reason', 'no space left')}); resumes when "
                           f"{mem.fmt_bytes(self.cfg.disk_reserve)} is free")
@@ -1029,16 +1009,16 @@ class Daemon:
                 reason = f"worker exited with code {rc} (see `edgezo logs {job.id}`)"
             retry = rc is not None and rc < 0 and job.attempts <= self.cfg.retries and not self.stopping
             if retry:
-                job.state, job.queued_at = "paused", now
+                job.state, job.queued_at = JobState.PAUSED, now
                 job.reason = f"restarting after: {reason} (attempt {job.attempts + 1} of {self.cfg.retries + 1})"
             else:
-                job.state, job.reason = "failed", reason
-        if self.stopping and job.state == "paused":
+                job.state, job.reason = JobState.FAILED, reason
+        if self.stopping and job.state == JobState.PAUSED:
             job.reason = "daemon stopped; resumes when it starts again"
         if job.state in FINAL:
             job.finished = now
             self.timers.forget(job.id)
-        job.control, job.phase = "run", ""
+        job.control, job.phase = Control.RUN, ""
         self._event(job, "exit", {"code": rc, "state": job.state, "reason": job.reason,
                                   "failure": failure or None})
         self._save(job)
@@ -1061,10 +1041,10 @@ class Daemon:
         d["leases"] = [lease.public(now) for lease in self.leases.of_job(job.id)]
         d["method"] = job.spec.get("method")
         d["model"] = job.spec.get("model")
-        if job.state == "running" and job.control != "run":
-            d["reason"] = job.pause_reason if job.control == "pause" else job.reason
-        if job.state == "running" and job.pid is None:
-            d["phase"] = "starting"
+        if job.state == JobState.RUNNING and job.control != Control.RUN:
+            d["reason"] = job.pause_reason if job.control == Control.PAUSE else job.reason
+        if job.state == JobState.RUNNING and job.pid is None:
+            d["phase"] = Phase.STARTING
         peak, avg = self._running_summary(job)
         d["mem_avg"] = avg
         d["mem_peak"] = max(job.mem_peak, peak)

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edgezo.protocol import Control, JobState
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, seq INTEGER, data TEXT NOT NULL
@@ -48,8 +50,6 @@ def default_state_dir(user: bool) -> Path:
 
 
 # queued: never ran; paused: ran before and resumes from its seed-log; running includes starting.
-ACTIVE = ("queued", "paused", "running")
-FINAL = ("done", "failed", "cancelled")
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Job:
     spec: dict
     job_dir: str
     created: float
-    state: str = "queued"
+    state: str = JobState.QUEUED
     queued_at: float = 0.0  # when it last became a candidate (bounded-wait clock)
     started: float | None = None
     finished: float | None = None
@@ -75,7 +75,7 @@ class Job:
     measured: int | None = None  # steady footprint measured after the first step
     pid: int | None = None
     attempts: int = 0
-    control: str = "run"  # what the worker is told: run | pause | stop
+    control: str = Control.RUN  # what the worker is told: run | pause | stop
     pause_reason: str = ""
     phase: str = ""
     mem_now: int = 0

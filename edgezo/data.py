@@ -7,9 +7,11 @@ import json
 import random
 from pathlib import Path
 
+from edgezo.protocol import EdgezoError
 
-class DataError(ValueError):
-    pass
+
+class DataError(EdgezoError, ValueError):
+    kind, label = "data", "bad data"
 
 
 def data_path(value: str, split: str) -> Path:

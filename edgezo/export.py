@@ -18,12 +18,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from edgezo.protocol import EdgezoError
+
 FORMATS = ("gguf", "safetensors", "peft")
 QUANTS = ("f16", "q8_0")  # GGUF matrix types; norms stay F32
 
 
-class ExportError(RuntimeError):
+class ExportError(EdgezoError, RuntimeError):
     """The job cannot be exported as asked; the message names the option or file to change."""
+
+    kind, label = "export", "export refused"
 
 
 def read_spec(job_dir: Path) -> dict:

@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgezo.protocol import EdgezoError
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ModelError(RuntimeError):
-    pass
+class ModelError(EdgezoError, RuntimeError):
+    kind, label = "model", "model could not be loaded"
 
 
 def resolve_device(name: str) -> torch.device:

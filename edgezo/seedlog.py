@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgezo.protocol import EdgezoError
+
 MAGIC = b"EDGEZO-SEEDLOG\n"
 FORMAT_VERSION = 1
 HEADER, STEP, PROJECTION, SNAPSHOT, ROLLBACK = 1, 2, 3, 4, 5
@@ -32,8 +34,8 @@ _FRAME = struct.Struct("<BI")
 _CRC = struct.Struct("<I")
 
 
-class SeedLogError(RuntimeError):
-    pass
+class SeedLogError(EdgezoError, RuntimeError):
+    kind, label = "seedlog", "seed-log error"
 
 
 class TornRecordWarning(UserWarning):

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from edgezo.protocol import EdgezoError
+
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 METHODS = ("mezo", "dizo", "fzoo", "fo")  # fo: the first-order baseline (AdamW, backprop)
 TASK_TYPES = ("classification", "generation")
@@ -101,8 +103,10 @@ DEFAULTS: dict[str, Any] = {
 KNOWN_TOP = set(DEFAULTS)
 
 
-class SpecError(ValueError):
+class SpecError(EdgezoError, ValueError):
     """A spec problem, tied to the dotted path of the field at fault."""
+
+    kind, label = "spec", "bad spec"
 
     def __init__(self, field: str, message: str):
         self.field = field

@@ -29,6 +29,7 @@ from edgezo.memory import MEMORY_LOG, MemoryLog, MemoryMeter, release_free_heap
 from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
 from edgezo.noise import NoiseUnavailable, ZOParam, make_noise, mix
 from edgezo.perturb import Perturber, collect_params
+from edgezo.protocol import Cancelled, EdgezoError, Paused, Phase
 from edgezo.report import accuracy_gain
 from edgezo.snapshots import SNAPSHOT_DIR, SnapshotClock, fsync_dir, keep_count, prune
 from edgezo.spec import spec_hash
@@ -36,16 +37,8 @@ from edgezo.tasks import make_task
 from edgezo.zo import METHODS, StepRecord, ZOMethod
 
 
-class Paused(Exception):
-    """The supervisor asked to pause; everything up to the last step is in the seed-log."""
-
-
-class Cancelled(Exception):
-    """The supervisor asked to stop for good."""
-
-
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(EdgezoError, RuntimeError):
+    kind, label = "training", "training diverged"
 
 
 @dataclass
@@ -451,8 +444,11 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
     total, bs = spec["steps"], spec["batch_size"]
     lengths = [len(e.ids) for e in train]
     resumed = start > 0
+    # method: fo holds one lease, for its whole run (every step is heavy; it covers the evals too).
+    fo = not getattr(engine.method, "replayable", True)
+    step_phase = Phase.FO_STEP if fo else Phase.ZO_STEP
     events.emit("start", steps_total=total, resumed_from=start, device=str(engine.device),
-                trainable_params=sum(p.param.numel() for p in engine.params))
+                trainable_params=sum(p.param.numel() for p in engine.params), step_phase=step_phase)
     evals = {e["tag"]: e["metrics"] for e in events.history("eval") if e.get("tag") in ("zero_shot", "final")}
     if evalset and "zero_shot" not in evals and not resumed:
         evals["zero_shot"] = _evaluate(task, evalset, spec, meter, 0, events, "zero_shot")
@@ -465,9 +461,6 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
     eval_due = False
     proj_due = engine.pending_projections
     lease_bytes = eval_lease_bytes(engine, bs, spec["max_length"])
-    # method: fo holds one lease, for its whole run (every step is heavy; it covers the evals too).
-    fo = not getattr(engine.method, "replayable", True)
-    step_phase = "fo_step" if fo else "zo_step"
     tensor_loss = getattr(engine.method, "tensor_loss", False)  # FO descends task.loss, ZO compares objectives
     t0, done_here = time.monotonic(), 0
     step = start

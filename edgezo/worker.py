@@ -4,13 +4,14 @@ Runs one job's engine in its own process and talks to the daemon over the socket
 `DaemonHooks`: events are posted, leases are asked for (never waited on), a heartbeat thread keeps
 leases alive and carries the daemon's control word (run / pause / stop) back.
 
-Exit codes: 0 done, 3 paused (checkpointed in the seed-log, resumable), 4 cancelled, 1 failed —
-and on failure `JOB_DIR/failure.json` {"reason", "type"} says why (CUDA OOM, data, spec, ...).
+Exit codes (edgezo.protocol.Exit): 0 done, 3 paused (checkpointed in the seed-log, resumable),
+4 cancelled, 1 failed, 5 disk full — and on failure `JOB_DIR/failure.json` {"reason", "type"} says
+why (CUDA OOM, data, spec, ...). Every event and heartbeat states the worker's phase
+(edgezo.protocol.PhaseTracker).
 
-Engines (env EDGEZO_ENGINE): "trainer" (default, `edgezo.trainer.run_job`), "synthetic" (no
-model: timed steps and heavy phases that really allocate memory, for scheduler tests and
-benchmarks; knobs in EDGEZO_SYNTHETIC="step_s=0.05,heavy_every=5,heavy_bytes=64MiB,heavy_s=0.5"),
-or "package.module:function" with run_job's signature.
+Engines (env EDGEZO_ENGINE): "trainer" (default, `edgezo.trainer.run_job`), "synthetic" (test
+support, edgezo/synthetic.py: no model, for scheduler tests and benchmarks), or
+"package.module:function" with run_job's signature.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from typing import Any
 
 from edgezo.client import ApiError, Client, DaemonNotRunning
 from edgezo.hooks import TrainerHooks
+from edgezo.protocol import Cancelled, Control, EdgezoError, Event, Exit, Paused, PhaseTracker
 
-EXIT_DONE, EXIT_FAILED, EXIT_PAUSED, EXIT_CANCELLED, EXIT_DISK_FULL = 0, 1, 3, 4, 5
 UNREACHABLE_PAUSE_S = 30.0  # no daemon for this long: checkpoint and stop rather than run unsupervised
 
 
@@ -53,7 +54,8 @@ class DaemonHooks(TrainerHooks):
         self.client = Client(socket_path, timeout=10)
         self.heartbeat_s = heartbeat_s or float(os.environ.get("EDGEZO_HEARTBEAT_S", "2"))
         self.log = log
-        self._control = "run"
+        self._control: str = Control.RUN
+        self.phases = PhaseTracker()
         self._local_pause = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -101,7 +103,7 @@ class DaemonHooks(TrainerHooks):
                 self._say(f"daemon unreachable: {e}")
             return None
         self._unreachable_since = None
-        if isinstance(answer, dict) and answer.get("control") in ("run", "pause", "stop"):
+        if isinstance(answer, dict) and answer.get("control") in (Control.RUN, Control.PAUSE, Control.STOP):
             self._control = answer["control"]
         return answer
 
@@ -110,7 +112,9 @@ class DaemonHooks(TrainerHooks):
         try:
             while not self._stop.wait(self.heartbeat_s):
                 try:  # the heartbeat outlives any one failure: a 7 s daemon stall once ended it for good
-                    self._post("POST", f"/jobs/{self.job_id}/heartbeat", {"pid": os.getpid()}, client=client)
+                    phase, seq = self.phases.stated
+                    self._post("POST", f"/jobs/{self.job_id}/heartbeat",
+                               {"pid": os.getpid(), "worker_phase": str(phase), "phase_seq": seq}, client=client)
                 except Exception as e:
                     self._say(f"heartbeat failed, retrying: {type(e).__name__}: {e}")
         finally:
@@ -149,12 +153,12 @@ class DaemonHooks(TrainerHooks):
     # TrainerHooks --------------------------------------------------------------------
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         self._say(_describe(kind, data, self))
-        item = (kind, _jsonable(data))
+        item = (kind, _jsonable(self.phases.stamp(kind, data)))
         if self._sender is None:  # not started (tests): deliver inline
             self._post("POST", f"/jobs/{self.job_id}/events", {"kind": kind, "data": item[1]})
             return
         with self._outbox_cv:
-            if kind == "step" and len(self._outbox) > 1 and self._outbox[-1][0] == "step":
+            if kind == Event.STEP and len(self._outbox) > 1 and self._outbox[-1][0] == Event.STEP:
                 self._outbox[-1] = item  # not yet being sent: the newer step supersedes it
             else:
                 self._outbox.append(item)
@@ -175,13 +179,13 @@ class DaemonHooks(TrainerHooks):
         self._post("DELETE", f"/leases/{self.job_id}/{phase}")
 
     def control(self) -> str:
-        if self._control == "stop":
-            return "stop"
-        if self._local_pause or self._control == "pause":
-            return "pause"
+        if self._control == Control.STOP:
+            return Control.STOP
+        if self._local_pause or self._control == Control.PAUSE:
+            return Control.PAUSE
         if self._unreachable_since is not None and time.monotonic() - self._unreachable_since > UNREACHABLE_PAUSE_S:
-            return "pause"
-        return "run"
+            return Control.PAUSE
+        return Control.RUN
 
     def _say(self, line: str) -> None:
         if line:
@@ -236,16 +240,10 @@ def classify(exc: BaseException) -> dict[str, str]:
         kind, label = "cuda_oom", "CUDA out of memory"
     elif isinstance(exc, MemoryError):
         kind, label = "oom", "out of host memory"
-    elif name == "SpecError":
-        kind, label = "spec", "bad spec"
-    elif name == "DataError" or isinstance(exc, (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError)):
+    elif isinstance(exc, EdgezoError):
+        kind, label = exc.kind, exc.label
+    elif isinstance(exc, (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError)):
         kind, label = "data", "bad data"
-    elif name == "ModelError":
-        kind, label = "model", "model could not be loaded"
-    elif name == "SeedLogError":
-        kind, label = "seedlog", "seed-log error"
-    elif name == "TrainingError":
-        kind, label = "training", "training diverged"
     else:
         kind, label = "error", "worker error"
     return {"type": kind, "reason": f"{label}: {name}: {first}"[:500], "exception": name}
@@ -258,134 +256,12 @@ def load_engine(name: str | None = None):
         from edgezo.trainer import run_job
 
         return run_job
-    if name == "synthetic":
+    if name == "synthetic":  # test support: scheduler tests and benchmarks without a model
+        from edgezo.synthetic import synthetic_run_job
+
         return synthetic_run_job
     module, _, func = name.partition(":")
     return getattr(importlib.import_module(module), func or "run_job")
-
-
-class Paused(Exception):
-    pass
-
-
-class Cancelled(Exception):
-    pass
-
-
-def _knobs() -> dict[str, float]:
-    from edgezo.spec import parse_size
-
-    out = {"step_s": 0.05, "heavy_every": 5.0, "heavy_bytes": 64 * 2**20, "heavy_s": 0.5, "base_bytes": 0.0,
-           "record_bytes": 0.0}
-    for item in filter(None, os.environ.get("EDGEZO_SYNTHETIC", "").split(",")):
-        k, _, v = item.partition("=")
-        k = k.strip()
-        out[k] = float(parse_size(v, k)) if k.endswith("_bytes") else float(v)
-    return out
-
-
-def synthetic_run_job(job_dir: Path, hooks: TrainerHooks) -> dict:
-    """A stand-in engine with the trainer's contract: steps, a resumable log, leased heavy phases.
-
-    Each heavy phase really allocates and touches `heavy_bytes`, so the daemon's RSS meter sees it.
-    The progress log (one line per step, fsynced, `record_bytes` long like a seed-log frame) plays the
-    seed-log's part for resume; a torn last line (a crash or a full disk mid-write) is cut off.
-    """
-    from edgezo.nvml import rss_bytes
-
-    job_dir = Path(job_dir)
-    spec = json.loads((job_dir / "spec.json").read_text())
-    k = _knobs()
-    total, every = int(spec["steps"]), max(int(k["heavy_every"]), 1)
-    log_path = job_dir / "synthetic.log"
-    text = log_path.read_bytes() if log_path.exists() else b""
-    if text and not text.endswith(b"\n"):
-        text = text[: text.rfind(b"\n") + 1]
-        os.truncate(log_path, len(text))
-    done = text.count(b"\n")
-    pad = "x" * max(int(k["record_bytes"]) - 1, 0)
-    base = bytearray(b"\x01") * int(k["base_bytes"]) if k["base_bytes"] else b""
-    phases: dict[str, dict[str, float]] = {}
-    t_last = [time.monotonic()]
-
-    def meter(phase: str) -> None:
-        now = time.monotonic()
-        rss = rss_bytes()
-        p = phases.setdefault(phase, {"peak_bytes": 0, "area": 0.0, "duration_s": 0.0})
-        dt = now - t_last[0]
-        t_last[0] = now
-        p["peak_bytes"] = max(p["peak_bytes"], rss)
-        p["area"] += rss * dt
-        p["duration_s"] += dt
-
-    def heavy(phase: str) -> None:
-        hooks.on_event("phase", {"phase": phase, "state": "begin"})
-        block = bytearray(b"\x01") * int(k["heavy_bytes"])
-        end = time.monotonic() + k["heavy_s"]
-        while time.monotonic() < end:
-            time.sleep(min(0.02, k["heavy_s"]))
-            meter(phase)
-        del block
-        hooks.on_event("phase", {"phase": phase, "state": "end"})
-
-    hooks.on_event("start", {"steps_total": total, "resumed_from": done})
-    pending = 0  # heavy phases due and not yet run: deferred while no lease, never dropped
-    heavy_runs = 0
-    t0 = time.monotonic()
-
-    def run_heavy() -> None:
-        nonlocal heavy_runs
-        try:
-            heavy("eval")
-            heavy_runs += 1
-        finally:
-            hooks.release_lease("eval")
-
-    with open(log_path, "a") as log:
-        step = done
-        while step < total:
-            action = hooks.control()
-            if action in ("pause", "stop"):
-                hooks.on_event("paused" if action == "pause" else "cancelled", {"step": step})
-                raise Paused(step) if action == "pause" else Cancelled(step)
-            time.sleep(k["step_s"])
-            meter("zo_step")
-            log.write(f"{step} {pad}\n" if pad else f"{step}\n")
-            log.flush()
-            os.fsync(log.fileno())
-            hooks.on_event("step", {"step": step, "loss": 1.0 / (step + 1), "lr": 0.0,
-                                    "steps_per_s": (step + 1 - done) / max(time.monotonic() - t0, 1e-9)})
-            step += 1
-            if step % every == 0 and step < total:
-                pending += 1
-            if pending and hooks.try_lease("eval", int(k["heavy_bytes"])):
-                run_heavy()
-                pending -= 1
-    for _ in range(pending + 1):  # what is still due, then the final phase
-        while not hooks.try_lease("eval", int(k["heavy_bytes"])):
-            action = hooks.control()  # the trainer's contract: obey pause/stop while waiting
-            if action in ("pause", "stop"):
-                hooks.on_event("paused" if action == "pause" else "cancelled", {"step": total})
-                raise Paused(total) if action == "pause" else Cancelled(total)
-            time.sleep(0.05)
-        run_heavy()
-    del base
-    mem = {n: {"peak_bytes": int(p["peak_bytes"]), "avg_bytes": int(p["area"] / p["duration_s"]) if p["duration_s"] else 0,
-               "duration_s": round(p["duration_s"], 3)} for n, p in phases.items()}
-    area = sum(p["area"] for p in phases.values())
-    dur = sum(p["duration_s"] for p in phases.values())
-    report = {
-        "status": "done",
-        "steps_done": total,
-        "metrics": {"zero_shot": None, "final": None, "history": [], "heavy_phases": heavy_runs},
-        "memory": {"meter": "synthetic:rss", "device": "cpu",
-                   "peak_bytes": max((p["peak_bytes"] for p in mem.values()), default=0),
-                   "avg_bytes": int(area / dur) if dur else 0, "phases": mem, "sources": {"rss": "psutil"}},
-    }
-    (job_dir / "report.json.tmp").write_text(json.dumps(report, indent=2))
-    os.replace(job_dir / "report.json.tmp", job_dir / "report.json")
-    hooks.on_event("done", {"report": {"status": "done", "steps_done": total}})
-    return report
 
 
 # ------------------------------------------------------------------------------ entry
@@ -405,17 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = load_engine(args.engine)
         engine(job_dir, hooks)
-        return EXIT_DONE
+        return Exit.DONE
     except BaseException as e:  # noqa: BLE001 - every way out gets an exit code the daemon understands
-        name = type(e).__name__
-        if name == "Paused":
+        if isinstance(e, Paused):
             hooks._say("paused: checkpointed in the seed-log")
-            return EXIT_PAUSED
-        if name == "Cancelled":
+            return Exit.PAUSED
+        if isinstance(e, Cancelled):
             hooks._say("cancelled")
-            return EXIT_CANCELLED
+            return Exit.CANCELLED
         if isinstance(e, KeyboardInterrupt):
-            return EXIT_PAUSED
+            return Exit.PAUSED
         failure = classify(e)
         with contextlib.suppress(OSError):
             traceback.print_exc()
@@ -424,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             (job_dir / "failure.json").write_text(json.dumps(failure, indent=2) + "\n")
         except OSError:
             pass  # on a full disk the daemon still learns why from the exit code
-        return EXIT_DISK_FULL if failure["type"] == "disk_full" else EXIT_FAILED
+        return Exit.DISK_FULL if failure["type"] == "disk_full" else Exit.FAILED
     finally:
         hooks.stop()
 

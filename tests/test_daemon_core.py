@@ -18,6 +18,7 @@ from daemon.http import HTTPError, Router
 from daemon.leases import LeaseBroker
 from daemon.monitor import DeviceState
 from daemon.store import Job, memory_summary
+from edgezo.protocol import PhaseTracker
 
 MiB = 2**20
 
@@ -228,7 +229,7 @@ def test_waiting_leases_come_before_admitting_another_job(core):
 
 
 def test_a_phase_that_cannot_fit_even_alone_fails_the_job_with_the_numbers(core):
-    from daemon.core import EXIT_CANCELLED
+    from edgezo.protocol import Exit
 
     core.cfg.lease_max_wait_s = 0.0
     core.cfg.cancel_grace_s = 60.0
@@ -245,7 +246,7 @@ def test_a_phase_that_cannot_fit_even_alone_fails_the_job_with_the_numbers(core)
 
     asyncio.run(decide())
     assert job.control == "stop" and job.reason.startswith("failing:")
-    core._finish(job, EXIT_CANCELLED, None)  # the worker stopped at a step boundary
+    core._finish(job, Exit.CANCELLED, None)  # the worker stopped at a step boundary
     assert job.state == "failed"
     assert "600.0 MiB" in job.reason and "--budget" in job.reason, job.reason
 
@@ -338,32 +339,62 @@ def test_a_stop_escalates_only_against_the_worker_it_was_meant_for(core):
     assert b_proc.signals == ["term"]  # a worker that ignores its stop is still terminated
 
 
+def _worker(core: Daemon, job: Job):
+    """Events as a worker sends them: each one stamped with the phase the worker is in after it."""
+    tracker = PhaseTracker()
+
+    def say(kind: str, data: dict) -> dict:
+        return core.worker_event(job, kind, tracker.stamp(kind, data))
+    return say
+
+
 def test_after_its_last_heavy_phase_a_job_shows_it_is_finishing(core):
     """`edgezo status` showed `zo_step` at step 60/60 after the final eval; a mid-run eval still
     returns to ZO steps."""
     job = _running(core, "a", 1.0, pid=None)
-    core.worker_event(job, "start", {"steps_total": 10, "resumed_from": 0})
-    core.worker_event(job, "step", {"step": 4})
-    core.worker_event(job, "phase", {"phase": "eval", "state": "begin"})
+    say = _worker(core, job)
+    say("start", {"steps_total": 10, "resumed_from": 0, "step_phase": "zo_step"})
+    say("step", {"step": 4})
+    say("phase", {"phase": "eval", "state": "begin"})
     assert job.phase == "eval"
-    core.worker_event(job, "phase", {"phase": "eval", "state": "end"})
+    say("phase", {"phase": "eval", "state": "end"})
     assert job.phase == "zo_step"
-    core.worker_event(job, "step", {"step": 9})
-    core.worker_event(job, "phase", {"phase": "eval", "state": "begin"})
-    core.worker_event(job, "phase", {"phase": "eval", "state": "end"})
+    say("step", {"step": 9})
+    say("phase", {"phase": "eval", "state": "begin"})
+    say("phase", {"phase": "eval", "state": "end"})
     assert job.phase == "export"
+
+
+def test_the_daemon_shows_the_phase_the_worker_states_and_ignores_a_late_one(core):
+    """No inference: a first-order job's steps are `fo_step` because its worker says so; a heartbeat
+    that overtakes an event (an older statement) does not roll the phase back."""
+    job = _running(core, "a", 1.0, pid=None)
+    say = _worker(core, job)
+    say("worker", {"pid": 1})
+    assert job.phase == "load"
+    say("start", {"steps_total": 3, "resumed_from": 0, "step_phase": "fo_step"})
+    assert job.phase == "fo_step"
+    core.heartbeat(job, {"worker_phase": "load", "phase_seq": 0})  # sent before `start`, delivered after
+    assert job.phase == "fo_step"
+    say("phase", {"phase": "projection", "state": "begin"})
+    core.heartbeat(job, {"worker_phase": "projection", "phase_seq": 2})  # the same statement again: no change
+    assert job.phase == "projection"
+    with pytest.raises(ValueError, match="'worker_phase'"):
+        core.heartbeat(job, {"worker_phase": ["eval"], "phase_seq": 9})
+    assert job.phase == "projection"
 
 
 def test_a_phase_shorter_than_the_sampling_interval_still_shows_in_the_memory_report(core):
     """CI saw a tiny job's `zo_step` stretches fall between two 0.5 s samples, so its report had no
     `zo_step` entry. No sampling loop runs here: every sample comes from a phase ending."""
     job = _running(core, "a", 1.0, pid=os.getpid())
-    core.worker_event(job, "start", {"steps_total": 4, "resumed_from": 0})
-    core.worker_event(job, "step", {"step": 0})
-    core.worker_event(job, "phase", {"phase": "eval", "state": "begin"})
-    core.worker_event(job, "phase", {"phase": "eval", "state": "end"})
-    core.worker_event(job, "phase", {"phase": "eval", "state": "begin"})  # zo_step again: sampled already
-    core.worker_event(job, "phase", {"phase": "eval", "state": "end"})
+    say = _worker(core, job)
+    say("start", {"steps_total": 4, "resumed_from": 0, "step_phase": "zo_step"})
+    say("step", {"step": 0})
+    say("phase", {"phase": "eval", "state": "begin"})
+    say("phase", {"phase": "eval", "state": "end"})
+    say("phase", {"phase": "eval", "state": "begin"})  # zo_step again: sampled already
+    say("phase", {"phase": "eval", "state": "end"})
     phases = [p for _, _, p in core.store.samples("a")]
     assert phases == ["zo_step", "eval"]
     assert memory_summary(core.store.samples("a"))["phases"]["zo_step"]["peak_bytes"] > 0
@@ -380,7 +411,7 @@ def test_a_phase_shorter_than_the_sampling_interval_still_shows_in_the_memory_re
 def test_a_malformed_worker_event_is_refused_and_changes_nothing(core, data, field):
     """A list where a phase name belongs was stored unchecked, and the next sample's insert ended the daemon."""
     job = _running(core, "a", 1.0, pid=os.getpid())
-    core.worker_event(job, "start", {"steps_total": 4, "resumed_from": 0})
+    _worker(core, job)("start", {"steps_total": 4, "resumed_from": 0, "step_phase": "zo_step"})
     kind = "phase" if "phase" in data or "state" in data else "step"
     with pytest.raises(ValueError, match=field):
         core.worker_event(job, kind, data)

@@ -1,0 +1,136 @@
+"""Test support: a worker engine with the trainer's contract and no model.
+
+`EDGEZO_ENGINE=synthetic` (the daemon's `--engine synthetic`) runs this instead of the trainer:
+timed steps, a resumable progress log, and leased heavy phases that really allocate memory, so the
+scheduler's tests and benchmarks (bench/stagger.py, bench/load.py) exercise admission, leases,
+pressure, pauses and faults in seconds. Knobs in EDGEZO_SYNTHETIC, e.g.
+"step_s=0.05,heavy_every=5,heavy_bytes=64MiB,heavy_s=0.5,base_bytes=0,record_bytes=0".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from edgezo.hooks import TrainerHooks
+from edgezo.protocol import Cancelled, Control, Event, Paused, Phase
+
+
+def _knobs() -> dict[str, float]:
+    from edgezo.spec import parse_size
+
+    out = {"step_s": 0.05, "heavy_every": 5.0, "heavy_bytes": 64 * 2**20, "heavy_s": 0.5, "base_bytes": 0.0,
+           "record_bytes": 0.0}
+    for item in filter(None, os.environ.get("EDGEZO_SYNTHETIC", "").split(",")):
+        k, _, v = item.partition("=")
+        k = k.strip()
+        out[k] = float(parse_size(v, k)) if k.endswith("_bytes") else float(v)
+    return out
+
+
+def synthetic_run_job(job_dir: Path, hooks: TrainerHooks) -> dict:
+    """A stand-in engine with the trainer's contract: steps, a resumable log, leased heavy phases.
+
+    Each heavy phase really allocates and touches `heavy_bytes`, so the daemon's RSS meter sees it.
+    The progress log (one line per step, fsynced, `record_bytes` long like a seed-log frame) plays the
+    seed-log's part for resume; a torn last line (a crash or a full disk mid-write) is cut off.
+    """
+    from edgezo.nvml import rss_bytes
+
+    job_dir = Path(job_dir)
+    spec = json.loads((job_dir / "spec.json").read_text())
+    k = _knobs()
+    total, every = int(spec["steps"]), max(int(k["heavy_every"]), 1)
+    log_path = job_dir / "synthetic.log"
+    text = log_path.read_bytes() if log_path.exists() else b""
+    if text and not text.endswith(b"\n"):
+        text = text[: text.rfind(b"\n") + 1]
+        os.truncate(log_path, len(text))
+    done = text.count(b"\n")
+    pad = "x" * max(int(k["record_bytes"]) - 1, 0)
+    base = bytearray(b"\x01") * int(k["base_bytes"]) if k["base_bytes"] else b""
+    phases: dict[str, dict[str, float]] = {}
+    t_last = [time.monotonic()]
+
+    def meter(phase: str) -> None:
+        now = time.monotonic()
+        rss = rss_bytes()
+        p = phases.setdefault(phase, {"peak_bytes": 0, "area": 0.0, "duration_s": 0.0})
+        dt = now - t_last[0]
+        t_last[0] = now
+        p["peak_bytes"] = max(p["peak_bytes"], rss)
+        p["area"] += rss * dt
+        p["duration_s"] += dt
+
+    def heavy(phase: str) -> None:
+        hooks.on_event(Event.PHASE, {"phase": phase, "state": "begin"})
+        block = bytearray(b"\x01") * int(k["heavy_bytes"])
+        end = time.monotonic() + k["heavy_s"]
+        while time.monotonic() < end:
+            time.sleep(min(0.02, k["heavy_s"]))
+            meter(phase)
+        del block
+        hooks.on_event(Event.PHASE, {"phase": phase, "state": "end"})
+
+    hooks.on_event(Event.START, {"steps_total": total, "resumed_from": done, "step_phase": Phase.ZO_STEP})
+    pending = 0  # heavy phases due and not yet run: deferred while no lease, never dropped
+    heavy_runs = 0
+    t0 = time.monotonic()
+
+    def run_heavy() -> None:
+        nonlocal heavy_runs
+        try:
+            heavy(Phase.EVAL)
+            heavy_runs += 1
+        finally:
+            hooks.release_lease(Phase.EVAL)
+
+    with open(log_path, "a") as log:
+        step = done
+        while step < total:
+            action = hooks.control()
+            if action in (Control.PAUSE, Control.STOP):
+                hooks.on_event(Event.PAUSED if action == Control.PAUSE else Event.CANCELLED, {"step": step})
+                raise Paused(step) if action == Control.PAUSE else Cancelled(step)
+            time.sleep(k["step_s"])
+            meter(Phase.ZO_STEP)
+            log.write(f"{step} {pad}\n" if pad else f"{step}\n")
+            log.flush()
+            os.fsync(log.fileno())
+            hooks.on_event(Event.STEP, {"step": step, "loss": 1.0 / (step + 1), "lr": 0.0,
+                                    "steps_per_s": (step + 1 - done) / max(time.monotonic() - t0, 1e-9)})
+            step += 1
+            if step % every == 0 and step < total:
+                pending += 1
+            if pending and hooks.try_lease(Phase.EVAL, int(k["heavy_bytes"])):
+                run_heavy()
+                pending -= 1
+    for _ in range(pending + 1):  # what is still due, then the final phase
+        while not hooks.try_lease(Phase.EVAL, int(k["heavy_bytes"])):
+            action = hooks.control()  # the trainer's contract: obey pause/stop while waiting
+            if action in (Control.PAUSE, Control.STOP):
+                hooks.on_event(Event.PAUSED if action == Control.PAUSE else Event.CANCELLED, {"step": total})
+                raise Paused(total) if action == Control.PAUSE else Cancelled(total)
+            time.sleep(0.05)
+        run_heavy()
+    del base
+    mem = {n: {"peak_bytes": int(p["peak_bytes"]), "avg_bytes": int(p["area"] / p["duration_s"]) if p["duration_s"] else 0,
+               "duration_s": round(p["duration_s"], 3)} for n, p in phases.items()}
+    area = sum(p["area"] for p in phases.values())
+    dur = sum(p["duration_s"] for p in phases.values())
+    report = {
+        "status": "done",
+        "steps_done": total,
+        "metrics": {"zero_shot": None, "final": None, "history": [], "heavy_phases": heavy_runs},
+        "memory": {"meter": "synthetic:rss", "device": "cpu",
+                   "peak_bytes": max((p["peak_bytes"] for p in mem.values()), default=0),
+                   "avg_bytes": int(area / dur) if dur else 0, "phases": mem, "sources": {"rss": "psutil"}},
+    }
+    (job_dir / "report.json.tmp").write_text(json.dumps(report, indent=2))
+    os.replace(job_dir / "report.json.tmp", job_dir / "report.json")
+    hooks.on_event(Event.DONE, {"report": {"status": "done", "steps_done": total}})
+    return report
+
+
