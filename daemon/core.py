@@ -987,7 +987,7 @@ class Daemon:
         elif job.control == Control.STOP and rc in (Exit.CANCELLED, Exit.PAUSED) or (job.control == Control.STOP and rc and rc < 0):
             job.state, job.reason = JobState.CANCELLED, "cancelled"
         elif rc == Exit.CANCELLED:
-            job.state, job.reason = "cancelled", "cancelled by the worker"
+            job.state, job.reason = JobState.CANCELLED, "cancelled by the worker"
         elif rc == Exit.PAUSED:
             job.state = JobState.PAUSED
             job.reason = job.pause_reason or "paused"

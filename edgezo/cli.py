@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from edgezo import __version__
+from edgezo.protocol import JobState
 
 DEFAULT_SPEC = Path(__file__).with_name("default_spec.yaml")
 
@@ -101,14 +102,14 @@ def _job_dir(job: str, socket: str | None) -> Path:
         raise ExportError(f"{job} is neither a job directory nor a job id of a running daemon ({e})") from None
     except ApiError as e:
         raise ExportError(f"{job} is neither a job directory nor a daemon job ({e})") from None
-    if info.get("state") == "running":
+    if info.get("state") == JobState.RUNNING:
         print(f"note: {job} is still running; exporting the steps it has logged so far", file=sys.stderr)
     return Path(info["job_dir"])
 
 
 def _export(job_dir: Path, args: argparse.Namespace, verb: str) -> int:
-    from edgezo.daemon_cli import fmt_bytes
     from edgezo.export import export_job
+    from policies.memory import fmt_bytes
 
     info = export_job(job_dir, args.format, Path(args.out), quant=args.quant, base_gguf=args.base_gguf,
                       from_base=args.from_base, progress=True)
@@ -186,7 +187,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         report = client.report(job_id)
         print(render_report(report))
         _quickstart_plots(Path(info["job_dir"]), job_id)
-        return 0 if info.get("state") == "done" else 1
+        return 0 if info.get("state") == JobState.DONE else 1
     finally:
         if daemon is not None and not args.keep_daemon:
             daemon.terminate()

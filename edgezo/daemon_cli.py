@@ -13,18 +13,8 @@ import sys
 from pathlib import Path
 
 from edgezo.client import ApiError, Client, DaemonNotRunning, DaemonUnresponsive, system_socket, user_socket
-
-GiB = 1024**3
-
-
-def fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 1024)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
+from edgezo.protocol import Control, JobState
+from policies.memory import fmt_bytes
 
 
 def _fail(msg: str, code: int = 1) -> int:
@@ -223,11 +213,11 @@ def _lease_cell(job: dict) -> str:
 
 def _row(job: dict) -> tuple[str, ...]:
     state = job["state"]
-    if state == "running" and job.get("control") == "pause":
+    if state == JobState.RUNNING and job.get("control") == Control.PAUSE:
         state = "pausing"
-    elif state == "running" and job.get("control") == "stop":
+    elif state == JobState.RUNNING and job.get("control") == Control.STOP:
         state = "stopping"
-    running = job["state"] == "running"
+    running = job["state"] == JobState.RUNNING
     return (
         job["id"],
         state,
@@ -247,7 +237,7 @@ def render_status(listing: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     lines = ["   ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for j in jobs:
-        if j.get("reason") and j["state"] in ("queued", "paused", "failed", "running"):
+        if j.get("reason") and j["state"] in (JobState.QUEUED, JobState.PAUSED, JobState.FAILED, JobState.RUNNING):
             lines.append(f"  {j['id']}: {j['reason']}")
     dev = listing.get("device") or {}
     if dev.get("budget_bytes") is not None:
@@ -283,7 +273,7 @@ def cmd_status(args) -> int:
             from edgezo.progress import follow_job
 
             info = follow_job(c, c.job(args.job)["id"], sys.stdout)
-            return 0 if info.get("state") == "done" else 1
+            return 0 if info.get("state") == JobState.DONE else 1
         job = c.job(args.job) if args.job else None
         listing = None if args.job else c.jobs()
     except DaemonNotRunning as e:

@@ -37,10 +37,11 @@ from typing import Any
 import psutil
 
 from edgezo import nvml
+from edgezo.protocol import Phase
 
-__all__ = ["KNOWN_PHASES", "Accumulator", "MemoryLog", "MemoryMeter", "format_bytes", "read_memory_log"]
+__all__ = ["KNOWN_PHASES", "Accumulator", "MemoryLog", "MemoryMeter", "read_memory_log"]
 
-KNOWN_PHASES = ("zo_step", "fo_step", "eval", "projection", "export", "load")
+KNOWN_PHASES = (Phase.ZO_STEP, Phase.FO_STEP, Phase.EVAL, Phase.PROJECTION, Phase.EXPORT, Phase.LOAD)
 NO_PHASE = ""  # the timeline's phase for readings taken outside any phase
 # Preferred primary source on a CUDA device, best first; on CPU it is always "rss".
 CUDA_PRIMARY_ORDER = ("nvml_process", "torch_reserved", "rss")
@@ -51,18 +52,6 @@ MAX_ERRORS_KEPT = 20
 
 # One reading: source name -> (level bytes, peak bytes since the previous reading).
 Reading = dict[str, tuple[int, int]]
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable binary size: ``format_bytes(1.5 * 2**30) == "1.50 GiB"``."""
-    sign, size = ("-" if n < 0 else ""), abs(float(n))
-    if size < 1024:
-        return f"{sign}{int(size)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        size /= 1024
-        if size < 1024 or unit == "PiB":
-            break
-    return f"{sign}{size:.2f} {unit}"
 
 
 class Accumulator:

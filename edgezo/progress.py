@@ -18,19 +18,12 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-FINAL = ("done", "failed", "cancelled")
+from edgezo.protocol import FINAL, Control, Event, JobState, step_phase
+from policies.memory import fmt_bytes
+
 EVERY_S = 30.0  # plain output: at most one line this often, besides changes and evals
 POLL_S = 1.0
 BAR = 20
-
-
-def fmt_bytes(n: float | None) -> str:
-    if not n:
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 1024)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def fmt_duration(seconds: float) -> str:
@@ -52,16 +45,16 @@ def eta_s(info: dict) -> float | None:
 
 
 def _lease(info: dict) -> str:
-    cells = [f"{x['phase']} {fmt_bytes(x.get('bytes'))}" if x.get("state") == "granted"
+    cells = [f"{x['phase']} {fmt_bytes(x.get('bytes') or None)}" if x.get("state") == "granted"
              else f"{x['phase']} waiting" for x in info.get("leases") or []]
     return ", ".join(cells)
 
 
 def _state(info: dict) -> str:
     state = info.get("state", "?")
-    if state == "running" and info.get("control") == "pause":
+    if state == JobState.RUNNING and info.get("control") == Control.PAUSE:
         return "pausing"
-    if state == "running" and info.get("control") == "stop":
+    if state == JobState.RUNNING and info.get("control") == Control.STOP:
         return "stopping"
     return state
 
@@ -81,17 +74,17 @@ def progress_line(info: dict, elapsed: float | None = None, bar: bool = False) -
     if info.get("steps_per_s"):
         fields.append(f"{info['steps_per_s']:.2f} steps/s")
     eta = eta_s(info)
-    if eta is not None and info.get("state") == "running":
+    if eta is not None and info.get("state") == JobState.RUNNING:
         fields.append(f"ETA {fmt_duration(eta)}")
-    if info.get("state") == "running" and info.get("mem_now"):
-        fields.append(f"mem {fmt_bytes(info['mem_now'])} (peak {fmt_bytes(info.get('mem_peak'))})")
+    if info.get("state") == JobState.RUNNING and info.get("mem_now"):
+        fields.append(f"mem {fmt_bytes(info['mem_now'] or None)} (peak {fmt_bytes(info.get('mem_peak') or None)})")
     elif info.get("mem_peak"):
-        fields.append(f"peak {fmt_bytes(info['mem_peak'])}")
-    if info.get("state") == "running" and info.get("phase"):
+        fields.append(f"peak {fmt_bytes(info['mem_peak'] or None)}")
+    if info.get("state") == JobState.RUNNING and info.get("phase"):
         fields.append(str(info["phase"]))
     if _lease(info):
         fields.append(f"lease {_lease(info)}")
-    if info.get("reason") and (info.get("state") != "running" or info.get("control") != "run"):
+    if info.get("reason") and (info.get("state") != JobState.RUNNING or info.get("control") != Control.RUN):
         fields.append(f"({info['reason']})")
     return " ".join(p for p in parts if p) + ("  " + "  ".join(fields) if fields else "")
 
@@ -136,13 +129,13 @@ class ProgressPrinter:
                 self.view["steps_total"] = data.get("steps_total", self.view.get("steps_total"))
             elif kind == "step":
                 self.view.update(step=int(data.get("step", 0)) + 1, loss=data.get("loss"),
-                                 steps_per_s=data.get("steps_per_s"), state="running",
-                                 phase="fo_step" if self.view.get("method") == "fo" else "zo_step")
+                                 steps_per_s=data.get("steps_per_s"), state=JobState.RUNNING,
+                                 phase=step_phase(self.view.get("method")))
                 if not self._stepped and not catch_up and not self.tty:  # a terminal redraws anyway
                     self._line(progress_line(self.view, self._elapsed()))
                     self._key = _key(self.view)
                 self._stepped = True
-            elif kind == "eval":
+            elif kind == Event.EVAL:
                 self._line(eval_line(self.job_id, data, self._elapsed()))
         if info is None:
             return

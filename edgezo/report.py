@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgezo.memory import format_bytes
+from policies.memory import fmt_bytes
 
 
 def human_bytes(n: float | None) -> str:
-    return "-" if n is None else format_bytes(n)
+    return fmt_bytes(n, 2)
 
 
 def load_report(job_dir: Path) -> dict:

@@ -194,17 +194,17 @@ class DaemonHooks(TrainerHooks):
 
 
 def _describe(kind: str, data: dict, hooks: DaemonHooks) -> str:
-    if kind == "start":
+    if kind == Event.START:
         hooks.steps_total = data.get("steps_total")
         return f"start: {data.get('steps_total')} steps, resumed from {data.get('resumed_from', 0)}"
-    if kind == "step":
+    if kind == Event.STEP:
         rate = data.get("steps_per_s")
         return (f"step {int(data.get('step', 0)) + 1}/{hooks.steps_total or '?'} loss {data.get('loss', float('nan')):.4f}"
                 + (f" {rate:.2f} steps/s" if rate else ""))
-    if kind == "eval":
+    if kind == Event.EVAL:
         shown = {k: v for k, v in (data.get("metrics") or {}).items() if k != "correct"}
         return f"eval at step {data.get('step')}: {json.dumps(shown)}"
-    if kind == "done":
+    if kind == Event.DONE:
         return "done"
     return f"{kind} {json.dumps(_jsonable(data))[:300]}"
 

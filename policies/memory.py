@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgezo.protocol import Phase
+
 MiB = 1024**2
 GiB = 1024**3
 
@@ -90,17 +92,17 @@ def estimate(
     steady = runtime + weights + acts + extra
     eval_acts = forward_activations(cfg, eval_batch or batch_size, max_length, nbytes)
     heavy = {
-        "eval": max(eval_acts - acts, 0) + acts // 2,
+        Phase.EVAL: max(eval_acts - acts, 0) + acts // 2,
         # first-order projection learning: activations kept for backward (~ layers x forward) + Adam on factors
-        "projection": acts * max(int(cfg.get("num_hidden_layers", 12)) // 2, 1),
-        "export": weights,
+        Phase.PROJECTION: acts * max(int(cfg.get("num_hidden_layers", 12)) // 2, 1),
+        Phase.EXPORT: weights,
     }
     if method == "fo":  # backprop with checkpointing: every layer's input kept, one layer recomputed, then
         # gradients and AdamW's two moments for the trainable set; the run holds it as one `fo_step` lease
         n_layers = int(cfg.get("num_hidden_layers", 12))
         h = int(cfg.get("hidden_size", 768))
         trainable_bytes = int(weights * trainable_frac) if trainable != "lora" else int(weights * 0.01)
-        heavy["fo_step"] = n_layers * batch_size * max_length * h * nbytes + 2 * acts + 3 * trainable_bytes
+        heavy[Phase.FO_STEP] = n_layers * batch_size * max_length * h * nbytes + 2 * acts + 3 * trainable_bytes
     return Footprint(params, weights, acts, runtime, steady, heavy)
 
 
@@ -109,14 +111,15 @@ def refine(estimate_bytes: int, measured_bytes: int | None) -> int:
     return int(measured_bytes) if measured_bytes else int(estimate_bytes)
 
 
-def fmt_bytes(n: float | None) -> str:
-    """1.2 GiB, 350 MiB, 12 KiB: what people read in `edgezo status`."""
+def fmt_bytes(n: float | None, digits: int = 1) -> str:
+    """1.2 GiB, 350.0 MiB, 12.0 KiB, 512 B (binary units; "-" for None): the one byte formatter,
+    for `edgezo status` (1 digit) and reports (2 digits)."""
     if n is None:
         return "-"
     n = float(n)
     sign = "-" if n < 0 else ""
     n = abs(n)
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+    for unit, scale in (("TiB", 2**40), ("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
         if n >= scale:
-            return f"{sign}{n / scale:.1f} {unit}"
+            return f"{sign}{n / scale:.{digits}f} {unit}"
     return f"{sign}{int(n)} B"

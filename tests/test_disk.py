@@ -113,7 +113,7 @@ def test_a_job_the_disk_cannot_hold_is_refused_at_enqueue_with_the_numbers(core,
     free = shutil.disk_usage(core.jobs_dir).free
     msg = str(e.value)
     assert e.value.need > free and "of disk" in msg and str(core.jobs_dir) in msg
-    assert "output 37252.9 GiB" in msg and "2 snapshots of 37252.9 GiB" in msg and "snapshot_every: 0" in msg
+    assert "output 36.4 TiB" in msg and "2 snapshots of 36.4 TiB" in msg and "snapshot_every: 0" in msg
     assert not core.jobs and not list(core.jobs_dir.iterdir())
 
 

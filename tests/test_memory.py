@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgezo.memory import Accumulator, MemoryLog, MemoryMeter, format_bytes, read_memory_log
+from edgezo.memory import Accumulator, MemoryLog, MemoryMeter, read_memory_log
+from policies.memory import fmt_bytes
 
 MIB = 1 << 20
 
@@ -48,7 +49,7 @@ def scripted_meter(values: dict[str, tuple[int, int]] | None = None) -> tuple[Me
     ],
 )
 def test_format_bytes(n, text):
-    assert format_bytes(n) == text
+    assert fmt_bytes(n, 2) == text
 
 
 def test_importing_memory_does_not_import_torch():
