@@ -44,6 +44,7 @@ from edgezo.protocol import (
 )
 from edgezo.spec import DEFAULTS, SpecError, load_spec, spec_paths
 from edgezo.tensor_names import tensor_names
+from edgezo.timeweighted import Accumulator
 from policies import admission
 from policies import disk as disk_policy
 from policies import leases as lease_policy
@@ -148,7 +149,7 @@ class Daemon:
         self._loop_error_logged = 0.0
         self._sampled: dict[str, set[str]] = {}  # job -> the phases its memory samples cover
         self._seq_floor = 0  # the highest job number any job directory carries (see _adopt_orphans)
-        self._acc: dict[str, list] = {}  # job -> [peak, area, duration, (last ts, last bytes)]
+        self._acc: dict[str, Accumulator] = {}  # job -> its samples' peak and time-weighted average
         self._unsaved: set[str] = set()  # jobs whose last change a full disk kept out of the store
         self._recorded: dict[str, tuple] = {}  # job -> what its job.json last recorded (see _save)
         self.disk_full_writes = 0  # store writes a full disk refused (events and samples are dropped)
@@ -1051,24 +1052,19 @@ class Daemon:
         return d
 
     def _running_summary(self, job: Job) -> tuple[int, int]:
-        """(peak, time-weighted avg) kept incrementally, so `status` never rescans the samples."""
+        """(peak, time-weighted avg) kept incrementally, so `status` never rescans the samples; the
+        same accumulator over the same samples as the report's `memory_summary`, so the two agree."""
         acc = self._acc.get(job.id)
         if acc is None:
-            full = self.memory(job)
-            acc = self._acc[job.id] = [full["peak_bytes"], full["avg_bytes"] * full["duration_s"],
-                                       full["duration_s"], None]
-        return int(acc[0]), int(acc[1] / acc[2]) if acc[2] > 0 else int(acc[0])
+            acc = self._acc[job.id] = Accumulator()
+            for ts, nbytes, _ in self.store.samples(job.id) if self.store else []:
+                acc.add(ts, nbytes)
+        return int(acc.peak), int(round(acc.avg))
 
     def _accumulate(self, job_id: str, now: float, used: int) -> None:
-        if job_id not in self._acc:
-            self._running_summary(self.jobs[job_id])  # a job from before a restart: start from its history
-        acc = self._acc[job_id]
-        if acc[3] is not None:
-            prev_t, prev_b = acc[3]
-            acc[1] += prev_b * (now - prev_t)
-            acc[2] += now - prev_t
-        acc[0] = max(acc[0], used)
-        acc[3] = (now, used)
+        if job_id not in self._acc:  # a job from before a restart: start from its history
+            self._running_summary(self.jobs[job_id])
+        self._acc[job_id].add(now, used)
 
     def memory(self, job: Job) -> dict[str, Any]:
         from .store import memory_summary

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgezo.protocol import Control, JobState
+from edgezo.timeweighted import summarize
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -250,37 +251,5 @@ class ReadOnlyStore(Store):
 
 
 def memory_summary(samples: list[tuple[float, int, str]]) -> dict[str, Any]:
-    """Peak and time-weighted average, overall and per phase, from (ts, bytes, phase) samples.
-
-    Each sample holds until the next one (step function); the last one weighs as the median gap.
-    """
-    if not samples:
-        return {"peak_bytes": 0, "avg_bytes": 0, "duration_s": 0.0, "samples": 0, "phases": {}}
-    gaps = [b[0] - a[0] for a, b in zip(samples, samples[1:], strict=False)]
-    last_gap = sorted(gaps)[len(gaps) // 2] if gaps else 0.0
-    gaps.append(last_gap)
-    total_t = sum(gaps)
-    phases: dict[str, dict[str, float]] = {}
-    for (_, nbytes, phase), dt in zip(samples, gaps, strict=True):
-        p = phases.setdefault(phase or "unknown", {"peak_bytes": 0, "area": 0.0, "duration_s": 0.0, "n": 0})
-        p["peak_bytes"] = max(p["peak_bytes"], nbytes)
-        p["area"] += nbytes * dt
-        p["duration_s"] += dt
-        p["n"] += 1
-    out_phases = {
-        name: {
-            "peak_bytes": int(p["peak_bytes"]),
-            "avg_bytes": int(p["area"] / p["duration_s"]) if p["duration_s"] > 0 else int(p["peak_bytes"]),
-            "duration_s": round(p["duration_s"], 3),
-            "samples": int(p["n"]),
-        }
-        for name, p in phases.items()
-    }
-    area = sum(s[1] * dt for s, dt in zip(samples, gaps, strict=True))
-    return {
-        "peak_bytes": max(s[1] for s in samples),
-        "avg_bytes": int(area / total_t) if total_t > 0 else samples[0][1],
-        "duration_s": round(total_t, 3),
-        "samples": len(samples),
-        "phases": out_phases,
-    }
+    """Peak and time-weighted average, overall and per phase, of a job's samples (edgezo.timeweighted)."""
+    return summarize(samples)

@@ -14,8 +14,8 @@ the previous reading), so spikes between readings still reach the peak:
 The meter therefore owns the process's peak counters: code that reads
 ``torch.cuda.max_memory_allocated`` or ``VmHWM`` itself sees peaks since the last sample.
 
-Averages are time-weighted with the **trapezoid rule** (memory is taken to move linearly
-between readings), so a phase with only its two boundary readings averages them both.
+Averages are time-weighted with the **trapezoid rule** (edgezo/timeweighted.py, the one rule the
+daemon uses too), so a phase with only its two boundary readings averages them both.
 Torch is never imported here unless the meter measures a CUDA device (the worker
 already uses torch then); importing this module stays light.
 """
@@ -38,6 +38,7 @@ import psutil
 
 from edgezo import nvml
 from edgezo.protocol import Phase
+from edgezo.timeweighted import Accumulator
 
 __all__ = ["KNOWN_PHASES", "Accumulator", "MemoryLog", "MemoryMeter", "read_memory_log"]
 
@@ -52,50 +53,6 @@ MAX_ERRORS_KEPT = 20
 
 # One reading: source name -> (level bytes, peak bytes since the previous reading).
 Reading = dict[str, tuple[int, int]]
-
-
-class Accumulator:
-    """Peak and trapezoid time-weighted average of a sampled quantity.
-
-    Feed ``(t, value)`` pairs in time order. ``pause()`` ends a segment: the next value
-    starts a new one and the gap is not integrated (a phase that was left and re-entered).
-    ``peak`` may exceed ``value`` when the source knows a higher value since the last sample.
-    """
-
-    def __init__(self) -> None:
-        self.samples = 0
-        self.peak = 0
-        self.min: int | None = None
-        self.integral = 0.0  # byte-seconds
-        self.duration = 0.0  # seconds covered by segments
-        self._sum = 0
-        self._last: tuple[float, int] | None = None
-
-    def add(self, t: float, value: int, peak: int | None = None) -> None:
-        if self._last is not None:
-            t0, v0 = self._last
-            dt = t - t0
-            if dt > 0:
-                self.integral += (v0 + value) / 2 * dt
-                self.duration += dt
-        self._last = (t, value)
-        self.samples += 1
-        self._sum += value
-        self.peak = max(self.peak, value, value if peak is None else peak)
-        self.min = value if self.min is None else min(self.min, value)
-
-    def pause(self) -> None:
-        self._last = None
-
-    @property
-    def avg(self) -> float:
-        """Time-weighted mean; the plain mean while no time has passed yet (one sample)."""
-        if self.duration > 0:
-            return self.integral / self.duration
-        return self._sum / self.samples if self.samples else 0.0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"peak_bytes": int(self.peak), "avg_bytes": int(round(self.avg))}
 
 
 class _Timeline:
@@ -537,7 +494,7 @@ class MemoryMeter:
             return list(self._timeline.points())
 
     def summary(self) -> dict[str, Any]:
-        """The ``memory`` section of report.json (see DESIGN.md, "Memory accounting")."""
+        """The ``memory`` section of report.json (docs/architecture.md; the averaging rule is edgezo/timeweighted.py)."""
         with self._lock:
             primary = self.primary_source()
             overall = self._overall.get(primary, Accumulator())

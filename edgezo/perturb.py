@@ -1,6 +1,6 @@
 """Perturbed forwards without writing the weights: hooks that swap in θ + ε·z per module.
 
-The exactness contract (DESIGN.md) says a step may change the weights only by its update. In-place
+The exactness contract (docs/architecture.md) says a step may change the weights only by its update. In-place
 perturb/restore (θ+εz, −2εz, +εz) rounds differently each time and drifts, so we never write the
 weights for a perturbation: a forward pre-hook on each module that owns trainable parameters swaps
 in θ + s·ε·z for the duration of that module's forward, built from a small pooled buffer, and puts

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from edgezo.hooks import TrainerHooks
 from edgezo.protocol import Cancelled, Control, Event, Paused, Phase
+from edgezo.timeweighted import summarize
 
 
 def _knobs() -> dict[str, float]:
@@ -51,18 +52,10 @@ def synthetic_run_job(job_dir: Path, hooks: TrainerHooks) -> dict:
     done = text.count(b"\n")
     pad = "x" * max(int(k["record_bytes"]) - 1, 0)
     base = bytearray(b"\x01") * int(k["base_bytes"]) if k["base_bytes"] else b""
-    phases: dict[str, dict[str, float]] = {}
-    t_last = [time.monotonic()]
+    samples: list[tuple[float, int, str]] = []  # summarised like the daemon's (edgezo.timeweighted)
 
     def meter(phase: str) -> None:
-        now = time.monotonic()
-        rss = rss_bytes()
-        p = phases.setdefault(phase, {"peak_bytes": 0, "area": 0.0, "duration_s": 0.0})
-        dt = now - t_last[0]
-        t_last[0] = now
-        p["peak_bytes"] = max(p["peak_bytes"], rss)
-        p["area"] += rss * dt
-        p["duration_s"] += dt
+        samples.append((time.monotonic(), rss_bytes(), phase))
 
     def heavy(phase: str) -> None:
         hooks.on_event(Event.PHASE, {"phase": phase, "state": "begin"})
@@ -116,17 +109,13 @@ def synthetic_run_job(job_dir: Path, hooks: TrainerHooks) -> dict:
             time.sleep(0.05)
         run_heavy()
     del base
-    mem = {n: {"peak_bytes": int(p["peak_bytes"]), "avg_bytes": int(p["area"] / p["duration_s"]) if p["duration_s"] else 0,
-               "duration_s": round(p["duration_s"], 3)} for n, p in phases.items()}
-    area = sum(p["area"] for p in phases.values())
-    dur = sum(p["duration_s"] for p in phases.values())
+    summary = summarize(samples)
     report = {
         "status": "done",
         "steps_done": total,
         "metrics": {"zero_shot": None, "final": None, "history": [], "heavy_phases": heavy_runs},
-        "memory": {"meter": "synthetic:rss", "device": "cpu",
-                   "peak_bytes": max((p["peak_bytes"] for p in mem.values()), default=0),
-                   "avg_bytes": int(area / dur) if dur else 0, "phases": mem, "sources": {"rss": "psutil"}},
+        "memory": {"meter": "synthetic:rss", "device": "cpu", "peak_bytes": summary["peak_bytes"],
+                   "avg_bytes": summary["avg_bytes"], "phases": summary["phases"], "sources": {"rss": "psutil"}},
     }
     (job_dir / "report.json.tmp").write_text(json.dumps(report, indent=2))
     os.replace(job_dir / "report.json.tmp", job_dir / "report.json")

@@ -1,7 +1,8 @@
 """Counter-based Gaussian noise ("philox" stream) with fused Triton kernels, plus a pure-torch reference.
 
-Why: the torch.Generator stream of `edgezo.perturb` is sequential, so a perturbed copy needs a noise
-buffer and a second pass, and a few rows of a table need the whole table's noise drawn before them.
+Why: the "torch" stream of `edgezo.noise` (a torch.Generator per parameter) is sequential, so a
+perturbed copy needs a noise buffer and a second pass, and a few rows of a table need the whole
+table's noise drawn before them.
 Here each element's noise is a pure function of (key, element index), so one fused kernel reads θ,
 adds α·z and writes the result (no noise tensor), and any subset of elements (e.g. the looked-up rows
 of an embedding) is generated alone, bit-identical to the same elements of the full tensor.

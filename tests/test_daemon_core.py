@@ -28,9 +28,11 @@ def test_memory_summary_is_time_weighted_per_phase():
                (3.5, 100, "zo_step")]
     s = memory_summary(samples)
     assert s["peak_bytes"] == 400
-    # step function: 100 for 2 s, 400 for 0.5 s, 100 for 1 s + last sample weighs the median gap (1 s)
-    assert s["avg_bytes"] == int((100 * 2 + 400 * 0.5 + 100 * 1 + 100 * 1) / 4.5)
-    assert s["phases"]["eval"] == {"peak_bytes": 400, "avg_bytes": 400, "duration_s": 0.5, "samples": 1}
+    # trapezoid: 100·1 + 250·1 + 250·0.5 + 100·1 over 3.5 s; an interval belongs to the phase at its start
+    assert s["avg_bytes"] == round((100 + 250 + 125 + 100) / 3.5)
+    assert s["phases"]["eval"] == {"peak_bytes": 400, "avg_bytes": 250, "duration_s": 0.5, "samples": 1}
+    assert s["phases"]["zo_step"] == {"peak_bytes": 100, "avg_bytes": round((100 + 250 + 100) / 3),
+                                      "duration_s": 3.0, "samples": 4}
     assert memory_summary([])["peak_bytes"] == 0
 
 
@@ -398,6 +400,22 @@ def test_a_phase_shorter_than_the_sampling_interval_still_shows_in_the_memory_re
     phases = [p for _, _, p in core.store.samples("a")]
     assert phases == ["zo_step", "eval"]
     assert memory_summary(core.store.samples("a"))["phases"]["zo_step"]["peak_bytes"] > 0
+
+
+def test_status_and_report_give_the_same_peak_and_average_from_the_same_samples(core):
+    """`edgezo status` keeps its figures incrementally, the report recomputes them from the store:
+    one accumulator, so the two agree (they once used different rules)."""
+    job = _running(core, "a", 1.0, pid=os.getpid())
+    _worker(core, job)("start", {"steps_total": 4, "resumed_from": 0, "step_phase": "zo_step"})
+    held = []
+    for i in range(4):
+        held.append(bytearray(8 << 20))  # the RSS moves between samples
+        core.sample(time.time() + i * 0.1)
+    view, report = core.job_view(job), core.memory(job)
+    assert report["samples"] == 4
+    assert (view["mem_peak"], view["mem_avg"]) == (report["peak_bytes"], report["avg_bytes"])
+    core._acc.clear()  # as after a daemon restart: rebuilt from the stored samples
+    assert core._running_summary(job) == (report["peak_bytes"], report["avg_bytes"])
 
 
 @pytest.mark.parametrize("data, field", [
