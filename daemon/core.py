@@ -25,12 +25,13 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from edgezo.disk import ModelFilesError, job_disk_use, model_files
+from edgezo.jobdir import FAILURE, JOB_RECORD, REPORT, SPEC, WORKER_LOG, read_json, write_json_atomic
 from edgezo.protocol import (
     ACTIVE,
     FINAL,
@@ -50,10 +51,10 @@ from policies import disk as disk_policy
 from policies import leases as lease_policy
 from policies import memory as mem
 
-from . import access, sdnotify, windows
+from . import access, jobrecord, sdnotify, windows
 from .leases import Lease, LeaseBroker
 from .monitor import DeviceState, Monitor
-from .store import JOB_FIELDS, DiskFull, Job, Store, StoreCorrupt, find_job
+from .store import DiskFull, Job, Store, StoreCorrupt, find_job
 from .store import is_disk_full as store_is_disk_full
 
 log = logging.getLogger("edgezo.daemon")
@@ -184,12 +185,11 @@ class Daemon:
         than the store (a damaged WAL frame makes SQLite drop that commit and every later one, without
         a word: an acknowledged cancel came back undone), it wins, and the store is corrected."""
         for job in list(self.jobs.values()):
-            record = _read_json(Path(job.job_dir) / JOB_RECORD)
-            if not record or not isinstance(record.get("version"), int) or record["version"] <= job.version:
-                self._recorded[job.id] = _decisive(job)
+            newer = jobrecord.read(Path(job.job_dir))
+            if newer is None or not isinstance(newer.version, int) or newer.version <= job.version:
+                self._recorded[job.id] = jobrecord.decisive(job)
                 continue
-            newer = _job_from(record)
-            if newer is None or newer.id != job.id:
+            if newer.id != job.id:
                 continue
             log.warning("job %s: the store had version %d (%s), its job directory version %d (%s); the store lost "
                         "a change and is corrected from %s", job.id, job.version, job.state, newer.version,
@@ -208,9 +208,9 @@ class Daemon:
             m = _JOB_SEQ.search(d.name)
             if m:
                 self._seq_floor = max(self._seq_floor, int(m.group(1)))
-            if d.name in self.jobs or not m or not (d / "spec.json").is_file():
+            if d.name in self.jobs or not m or not (d / SPEC).is_file():
                 continue
-            recorded = _job_from(_read_json(d / JOB_RECORD) or {})
+            recorded = jobrecord.read(d)
             if recorded is not None and recorded.id == d.name:  # the daemon's own record: exactly as acknowledged
                 self.jobs[recorded.id] = recorded
                 self._save(recorded)
@@ -220,8 +220,8 @@ class Daemon:
                             recorded.state)
                 continue
             try:
-                spec = json.loads((d / "spec.json").read_text())
-                report = json.loads((d / "report.json").read_text()) if (d / "report.json").is_file() else {}
+                spec = json.loads((d / SPEC).read_text())
+                report = json.loads((d / REPORT).read_text()) if (d / REPORT).is_file() else {}
             except (OSError, ValueError) as e:
                 log.warning("job directory %s is not in the store and unreadable (%s); left alone", d, e)
                 continue
@@ -353,11 +353,11 @@ class Daemon:
         client waits to have acknowledged."""
         if not self.store:
             return
-        decisive = _decisive(job)
+        decisive = jobrecord.decisive(job)
         if self._recorded.get(job.id) != decisive:  # state, control or allotment changed: record it twice
             job.version += 1
             self._recorded[job.id] = decisive
-            _write_job_record(job)
+            jobrecord.write(job)
         try:
             self.store.save_job(job)
             self._unsaved.discard(job.id)
@@ -429,9 +429,9 @@ class Daemon:
         # a job's own `budget` declares its allotment; otherwise the model-based estimate
         job.estimate = int(spec["budget"]) if spec.get("budget") else self.estimate(spec).steady
         try:  # acknowledged only once durable: on a full disk the client hears so and nothing is queued
-            (job_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-            job.version, self._recorded[job.id] = 1, _decisive(job)
-            _write_job_record(job)
+            write_json_atomic(job_dir / SPEC, spec)
+            job.version, self._recorded[job.id] = 1, jobrecord.decisive(job)
+            jobrecord.write(job)
             self.store.save_job(job)
         except (OSError, DiskFull) as e:
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -594,10 +594,10 @@ class Daemon:
             spec = load_spec({**job.spec, "budget": value})  # SpecError names the field
             self._check_own_budget(spec)
             job.spec["budget"] = spec["budget"]
-            (Path(job.job_dir) / "spec.json").write_text(json.dumps(job.spec, indent=2) + "\n")
+            write_json_atomic(Path(job.job_dir) / SPEC, job.spec)
             job.estimate = int(spec["budget"]) if spec["budget"] else self.estimate(job.spec).steady
             job.measured = None
-        failure = Path(job.job_dir) / "failure.json"
+        failure = Path(job.job_dir) / FAILURE
         if failure.exists():  # kept for the record, but no longer this run's reason
             failure.replace(failure.with_name(f"failure.{int(time.time())}.json"))
         was = job.reason
@@ -953,10 +953,10 @@ class Daemon:
     async def _run_worker(self, job: Job) -> None:
         job_dir = Path(job.job_dir)
         with contextlib.suppress(FileNotFoundError):
-            (job_dir / "failure.json").unlink()
+            (job_dir / FAILURE).unlink()
         cmd = [sys.executable, "-m", "edgezo.worker", str(job_dir), "--socket", str(self.cfg.socket_path),
                "--job-id", job.id]
-        with open(job_dir / "worker.log", "ab") as logf:
+        with open(job_dir / WORKER_LOG, "ab") as logf:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=asyncio.subprocess.STDOUT,
@@ -977,8 +977,8 @@ class Daemon:
         self.leases.drop_job(job.id)
         job.pid, job.heartbeat = None, None
         job_dir = Path(job.job_dir)
-        failure = _read_json(job_dir / "failure.json")
-        report = _read_json(job_dir / "report.json") if rc == Exit.DONE else None
+        failure = read_json(job_dir / FAILURE)
+        report = read_json(job_dir / REPORT) if rc == Exit.DONE else None
         if rc == Exit.DONE:
             job.state, job.reason = JobState.DONE, ""
             if report:
@@ -1123,41 +1123,6 @@ def _proc_groups(pid: int) -> set[int]:
     except OSError:
         pass
     return set()
-
-
-JOB_RECORD = "job.json"
-
-
-def _decisive(job: Job) -> tuple:
-    """The parts of a job that a lost store must not lose (progress comes back from the seed-log)."""
-    return (job.state, job.control, job.pause_reason, job.finished, job.attempts, job.not_before,
-            job.spec.get("budget"), job.window)
-
-
-def _write_job_record(job: Job) -> None:
-    path = Path(job.job_dir) / JOB_RECORD
-    tmp = path.with_name(JOB_RECORD + ".tmp")
-    try:
-        tmp.write_text(json.dumps(asdict(job)))
-        os.replace(tmp, path)
-    except OSError:  # a full disk or a removed directory: the store still has it
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
-def _job_from(record: dict) -> Job | None:
-    try:
-        return Job(**{k: v for k, v in record.items() if k in JOB_FIELDS})
-    except TypeError:
-        return None
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def _default_model_dir() -> Path | None:

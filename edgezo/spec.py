@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from edgezo.jobdir import JOB_FILES
 from edgezo.protocol import EdgezoError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -41,9 +42,6 @@ def spec_paths(spec: dict) -> list[tuple[str, str]]:
     return out
 
 
-# what a job directory holds besides the output: an output of the same name would overwrite it
-JOB_FILES = frozenset({"events.jsonl", "failure.json", "job.json", "report.json", "seedlog.ezl", "snapshots",
-                       "spec.json", "synthetic.log", "worker.log"})
 TOP_K = re.compile(r"top(0|[1-9][0-9]{0,3})")  # top0: the final norm alone
 
 DEFAULTS: dict[str, Any] = {

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from edgezo.hooks import TrainerHooks
+from edgezo.jobdir import REPORT, SPEC, SYNTHETIC_LOG, write_json_atomic
 from edgezo.protocol import Cancelled, Control, Event, Paused, Phase
 from edgezo.timeweighted import summarize
 
@@ -41,10 +42,10 @@ def synthetic_run_job(job_dir: Path, hooks: TrainerHooks) -> dict:
     from edgezo.nvml import rss_bytes
 
     job_dir = Path(job_dir)
-    spec = json.loads((job_dir / "spec.json").read_text())
+    spec = json.loads((job_dir / SPEC).read_text())
     k = _knobs()
     total, every = int(spec["steps"]), max(int(k["heavy_every"]), 1)
-    log_path = job_dir / "synthetic.log"
+    log_path = job_dir / SYNTHETIC_LOG
     text = log_path.read_bytes() if log_path.exists() else b""
     if text and not text.endswith(b"\n"):
         text = text[: text.rfind(b"\n") + 1]
@@ -117,8 +118,7 @@ def synthetic_run_job(job_dir: Path, hooks: TrainerHooks) -> dict:
         "memory": {"meter": "synthetic:rss", "device": "cpu", "peak_bytes": summary["peak_bytes"],
                    "avg_bytes": summary["avg_bytes"], "phases": summary["phases"], "sources": {"rss": "psutil"}},
     }
-    (job_dir / "report.json.tmp").write_text(json.dumps(report, indent=2))
-    os.replace(job_dir / "report.json.tmp", job_dir / "report.json")
+    write_json_atomic(job_dir / REPORT, report)
     hooks.on_event(Event.DONE, {"report": {"status": "done", "steps_done": total}})
     return report
 

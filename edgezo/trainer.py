@@ -25,6 +25,7 @@ from edgezo.data import bucketed_batch, check_fields, data_path, read_rows
 from edgezo.disk import job_disk_use
 from edgezo.guard import DivergenceGuard, Rollback
 from edgezo.hooks import TrainerHooks
+from edgezo.jobdir import write_json_atomic
 from edgezo.memory import MEMORY_LOG, MemoryLog, MemoryMeter, release_free_heap
 from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
 from edgezo.noise import NoiseUnavailable, ZOParam, make_noise, mix
@@ -698,12 +699,6 @@ def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter
         "output": str(job_dir / spec["output"]),
         "disk": job_disk_use(job_dir, spec["output"]),  # what the job leaves on disk, by kind
     }
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def prepare_job_dir(job_dir: Path, spec: dict) -> Path:

@@ -33,6 +33,7 @@ from typing import Any
 
 from edgezo.client import ApiError, Client, DaemonNotRunning
 from edgezo.hooks import TrainerHooks
+from edgezo.jobdir import FAILURE, write_json_atomic
 from edgezo.protocol import Cancelled, Control, EdgezoError, Event, Exit, Paused, PhaseTracker
 
 UNREACHABLE_PAUSE_S = 30.0  # no daemon for this long: checkpoint and stop rather than run unsupervised
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         hooks._say(f"failed: {failure['reason']}")
         try:
-            (job_dir / "failure.json").write_text(json.dumps(failure, indent=2) + "\n")
+            write_json_atomic(job_dir / FAILURE, failure)
         except OSError:
             pass  # on a full disk the daemon still learns why from the exit code
         return Exit.DISK_FULL if failure["type"] == "disk_full" else Exit.FAILED
