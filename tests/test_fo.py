@@ -238,18 +238,20 @@ def test_replay_refuses_with_a_clear_error(tmp_path, tiny_spec_dict, capsys):
 
 # --- the daemon (torch-free) -----------------------------------------------------------------------
 
-def test_the_daemon_calls_an_fo_jobs_steps_fo_step():
-    from daemon.core import _phase_after_heavy, _step_phase
-    from daemon.store import Job
+def test_an_fo_jobs_steps_are_stated_as_fo_step():
+    """The worker states its phase with every event; an fo job's steps are `fo_step`, a ZO job's
+    `zo_step`, and after the last step either one is finishing (`export`)."""
+    from edgezo.protocol import PhaseTracker, step_phase
     from policies.memory import SMOLLM2_135M, estimate
 
-    fo = Job(id="f", seq=1, name="f", spec={"method": "fo", "steps": 10}, job_dir="/nonexistent", created=0.0)
-    zo = Job(id="z", seq=2, name="z", spec={"method": "mezo", "steps": 10}, job_dir="/nonexistent", created=0.0)
-    assert _step_phase(fo) == "fo_step" and _step_phase(zo) == "zo_step"
-    fo.steps_total, fo.step = 10, 4
-    assert _phase_after_heavy(fo) == "fo_step"
-    fo.step = 10
-    assert _phase_after_heavy(fo) == "export"
+    assert step_phase("fo") == "fo_step" and step_phase("mezo") == "zo_step"
+    tracker = PhaseTracker()
+    tracker.see("start", {"steps_total": 10, "resumed_from": 0, "step_phase": step_phase("fo")})
+    tracker.see("step", {"step": 3})
+    tracker.see("phase", {"phase": "eval", "state": "begin"})
+    assert tracker.current() == "eval"
+    assert tracker.see("phase", {"phase": "eval", "state": "end"})[0] == "fo_step"
+    assert tracker.see("step", {"step": 9})[0] == "export"
     full = estimate(SMOLLM2_135M, method="fo", trainable="full")
     lora = estimate(SMOLLM2_135M, method="fo", trainable="lora")
     assert full.heavy["fo_step"] > lora.heavy["fo_step"] > 0 and "fo_step" not in estimate(SMOLLM2_135M).heavy
