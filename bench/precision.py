@@ -232,7 +232,7 @@ def run_child(args, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--model-dir", str(args.model_dir), "--device", args.device,
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
     env = dict(os.environ)
-    if args.device == "cpu":  # as the daemon runs its CPU workers (daemon.core.worker_env)
+    if args.device == "cpu":  # the threshold the daemon once gave CPU workers (see daemon/supervisor.py, env)
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import grp
 import json
@@ -23,7 +22,6 @@ import re
 import shutil
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edgezo.disk import ModelFilesError, job_disk_use, model_files
-from edgezo.jobdir import FAILURE, JOB_RECORD, REPORT, SPEC, WORKER_LOG, read_json, write_json_atomic
+from edgezo.jobdir import FAILURE, JOB_RECORD, REPORT, SPEC, read_json, write_json_atomic
 from edgezo.protocol import (
     ACTIVE,
     FINAL,
@@ -56,6 +54,7 @@ from .leases import Lease, LeaseBroker
 from .monitor import DeviceState, Monitor
 from .store import DiskFull, Job, Store, StoreCorrupt, find_job
 from .store import is_disk_full as store_is_disk_full
+from .supervisor import Supervisor, is_worker, reap_orphan
 
 log = logging.getLogger("edgezo.daemon")
 
@@ -100,23 +99,6 @@ class NoDiskRoom(RuntimeError):
         self.need, self.free = need, free
 
 
-def _pdeathsig() -> None:
-    """In the worker before exec: get SIGTERM if the daemon dies (it then checkpoints and exits)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _pid_is_worker(pid: int, job_id: str) -> bool:
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"edgezo.worker" in cmd and job_id.encode() in cmd
-
-
 _JOB_SEQ = re.compile(r"-([0-9]{1,12})$")  # job ids are {name}-{seq}
 class Daemon:
     def __init__(self, cfg: Config):
@@ -125,7 +107,7 @@ class Daemon:
         self.jobs_dir = self.state_dir / "jobs"
         self.store: Store | None = None
         self.jobs: dict[str, Job] = {}
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.workers = Supervisor(cfg, on_started=self._worker_started, on_exit=self._finish)
         self.monitor = Monitor(cfg.device_index, cfg.device_source)
         self.leases = LeaseBroker(policy_name=cfg.lease_policy, max_wait_s=cfg.lease_max_wait_s,
                                   ttl_s=cfg.lease_ttl_s, enabled=cfg.leases)
@@ -140,7 +122,6 @@ class Daemon:
         self.timers = windows.Timers(self.wake)
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
         self._lock_fd: int | None = None
         self._last_status = ""
         self.group_gid = self._group_gid()
@@ -242,29 +223,14 @@ class Daemon:
         for job in self.jobs.values():
             if job.state != JobState.RUNNING:
                 continue
-            if job.pid and _pid_is_worker(job.pid, job.id):
-                self._reap_orphan(job.pid)
+            if job.pid and is_worker(job.pid, job.id):
+                reap_orphan(job.pid)
             job.state, job.pid, job.control, job.phase = JobState.PAUSED, None, Control.RUN, ""
             job.reason = "resuming after daemon restart (from its seed-log)"
             job.queued_at = now
             job.heartbeat = None
             self._event(job, "recovered", {"step": job.step})
             self._save(job)
-
-    @staticmethod
-    def _reap_orphan(pid: int) -> None:
-        """A worker of the dead daemon (pdeathsig already asked it to checkpoint): let it finish, then kill."""
-        deadline = time.time() + 15
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        while time.time() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
     async def run(self, socks: list[socket.socket], server) -> int:
         """Serve until SIGTERM/SIGINT; then stop workers at a step boundary and exit."""
@@ -332,16 +298,7 @@ class Daemon:
             job.control = Control.PAUSE
             job.pause_reason = "daemon stopped; resumes when it starts again"
             self._save(job)
-        deadline = time.time() + self.cfg.stop_timeout_s
-        while self.procs and time.time() < deadline:
-            await asyncio.sleep(0.1)
-        for job_id, proc in list(self.procs.items()):
-            log.warning("worker of %s did not stop in time: killing it", job_id)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        end = time.time() + 5
-        while self.procs and time.time() < end:
-            await asyncio.sleep(0.05)
+        await self.workers.wait_all(self.cfg.stop_timeout_s)
 
     # ------------------------------------------------------------------ jobs
     def _running(self) -> list[Job]:
@@ -471,7 +428,7 @@ class Daemon:
         if job.state == JobState.RUNNING:
             job.control = Control.STOP
             job.reason = "cancelling: waiting for the worker to stop at a step boundary"
-            self._spawn_task(self._escalate(job.id, self.procs.get(job.id)))
+            self.workers.escalate_later(job.id)
         else:
             job.state, job.finished, job.reason = JobState.CANCELLED, time.time(), "cancelled before it ran"
             self.timers.forget(job.id)
@@ -608,24 +565,6 @@ class Daemon:
         self.wake()
         self._persist(job)
         return job
-
-    async def _escalate(self, job_id: str, proc: asyncio.subprocess.Process | None) -> None:
-        """Terminate, then kill, the worker `proc` told to stop if it has not stopped within the
-        grace. Only that worker: if the job was retried meanwhile, its new worker is left alone."""
-        await asyncio.sleep(self.cfg.cancel_grace_s)
-        if proc is None or self.procs.get(job_id) is not proc:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        await asyncio.sleep(5)
-        if self.procs.get(job_id) is proc:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-
-    def _spawn_task(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------ worker-facing
     def worker_event(self, job: Job, kind: str, data: dict) -> dict:
@@ -849,7 +788,7 @@ class Daemon:
         job.control, job.reason = Control.STOP, f"failing: {reason}"
         self._event(job, "fail", {"reason": reason})
         self._save(job)
-        self._spawn_task(self._escalate(job.id, self.procs.get(job.id)))
+        self.workers.escalate_later(job.id)
 
     def _pause(self, job: Job, why: str) -> None:
         job.control = Control.PAUSE
@@ -929,48 +868,11 @@ class Daemon:
         self._event(job, "admitted", {"need_bytes": self._steady(job), "resume": resumed,
                                       "headroom_bytes": self.headroom()})
         self._save(job)
-        self._spawn_task(self._run_worker(job))
+        self.workers.spawn(job)
 
-    def worker_env(self, job: Job) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update({
-            "EDGEZO_HEARTBEAT_S": str(self.cfg.heartbeat_s),
-            "EDGEZO_SOCKET": str(self.cfg.socket_path),
-            "PYTHONUNBUFFERED": "1",
-            "HF_HUB_OFFLINE": "1",
-        })
-        for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
-            env.pop(key, None)
-        # glibc keeps a heavy phase's freed heap pages; the trainer hands them back at the end of each
-        # phase (edgezo.memory.release_free_heap), so a worker's RSS comes back down without the cost
-        # of MALLOC_MMAP_THRESHOLD_ (1.5x the fzoo default job's step time on 2 CPU cores).
-        if self.cfg.engine:
-            env["EDGEZO_ENGINE"] = self.cfg.engine
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        return env
-
-    async def _run_worker(self, job: Job) -> None:
-        job_dir = Path(job.job_dir)
-        with contextlib.suppress(FileNotFoundError):
-            (job_dir / FAILURE).unlink()
-        cmd = [sys.executable, "-m", "edgezo.worker", str(job_dir), "--socket", str(self.cfg.socket_path),
-               "--job-id", job.id]
-        with open(job_dir / WORKER_LOG, "ab") as logf:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=asyncio.subprocess.STDOUT,
-                    env=self.worker_env(job), cwd=str(job_dir), start_new_session=True, preexec_fn=_pdeathsig,
-                )
-            except OSError as e:
-                self._finish(job, None, f"could not start the worker: {e}")
-                return
-        job.pid = proc.pid
-        self.procs[job.id] = proc
+    def _worker_started(self, job: Job, pid: int) -> None:
+        job.pid = pid
         self._save(job)
-        rc = await proc.wait()
-        self.procs.pop(job.id, None)
-        self._finish(job, rc, None)
 
     def _finish(self, job: Job, rc: int | None, error: str | None) -> None:
         now = time.time()

@@ -243,7 +243,7 @@ def test_a_phase_that_cannot_fit_even_alone_fails_the_job_with_the_numbers(core)
     async def decide() -> None:
         core._unblock_leases(1.0)
         core._unblock_leases(2.0)
-        for t in list(core._tasks):
+        for t in list(core.workers.tasks):
             t.cancel()
 
     asyncio.run(decide())
@@ -302,7 +302,7 @@ def test_over_its_own_budget_outside_leases_fails_after_the_grace(core):
         core._enforce_job_budgets(30.5)
         assert job.control == "run"  # within the grace
         core._enforce_job_budgets(31.5)
-        for t in list(core._tasks):
+        for t in list(core.workers.tasks):
             t.cancel()
 
     asyncio.run(over())
@@ -326,14 +326,14 @@ def test_a_stop_escalates_only_against_the_worker_it_was_meant_for(core):
     core.cfg.cancel_grace_s = 0.01
     a, b = _running(core, "a", 1.0), _running(core, "b", 2.0)
     old, new, b_proc = _Proc(), _Proc(), _Proc()
-    core.procs.update({"a": old, "b": b_proc})
+    core.workers.procs.update({"a": old, "b": b_proc})
 
     async def go() -> None:
         core._fail(a, "over its own budget")
         core.cancel(b)
-        core.procs["a"] = new  # a was retried and restarted before its grace ran out
+        core.workers.procs["a"] = new  # a was retried and restarted before its grace ran out
         await asyncio.sleep(0.1)
-        for t in list(core._tasks):
+        for t in list(core.workers.tasks):
             t.cancel()
 
     asyncio.run(go())
