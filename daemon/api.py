@@ -22,7 +22,8 @@ from edgezo.spec import SpecError
 from policies.memory import fmt_bytes
 
 from . import views
-from .core import Daemon, NoDiskRoom
+from .core import Daemon
+from .diskroom import NoDiskRoom
 from .http import HTTPError, Request, Response, Router
 from .store import DiskFull, Job
 

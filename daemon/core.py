@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import grp
 import json
 import logging
 import os
@@ -28,8 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgezo.disk import ModelFilesError, job_disk_use, model_files
 from edgezo.jobdir import FAILURE, JOB_RECORD, REPORT, SPEC, read_json, write_json_atomic
+from edgezo.model_files import check_trainable, model_config
 from edgezo.protocol import (
     ACTIVE,
     FINAL,
@@ -41,15 +40,14 @@ from edgezo.protocol import (
     checked_event,
     checked_fields,
 )
-from edgezo.spec import DEFAULTS, SpecError, load_spec, spec_paths
-from edgezo.tensor_names import tensor_names
+from edgezo.spec import SpecError, load_spec
 from edgezo.timeweighted import Accumulator
 from policies import admission
-from policies import disk as disk_policy
 from policies import leases as lease_policy
 from policies import memory as mem
 
 from . import access, jobrecord, sdnotify, windows
+from .diskroom import DiskRoom, free_disk
 from .leases import Lease, LeaseBroker
 from .monitor import DeviceState, Monitor
 from .store import DiskFull, Job, Store, StoreCorrupt, find_job
@@ -84,21 +82,6 @@ class Config:
     socket_group: str = "edgezo"
 
 
-def _free_disk(path: Path) -> int:
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return 0
-
-
-class NoDiskRoom(RuntimeError):
-    """A job whose output and snapshots would not fit the free disk (the API answers 507)."""
-
-    def __init__(self, message: str, need: int, free: int):
-        super().__init__(message)
-        self.need, self.free = need, free
-
-
 _JOB_SEQ = re.compile(r"-([0-9]{1,12})$")  # job ids are {name}-{seq}
 class Daemon:
     def __init__(self, cfg: Config):
@@ -124,7 +107,7 @@ class Daemon:
         self._stopped = asyncio.Event()
         self._lock_fd: int | None = None
         self._last_status = ""
-        self.group_gid = self._group_gid()
+        self.group_gid = access.group_id(cfg.socket_group)
         self.ticks = 0
         self.loop_errors = 0  # loop iterations that raised and were retried (see _loop_failed)
         self.last_loop_error = ""
@@ -136,7 +119,7 @@ class Daemon:
         self._recorded: dict[str, tuple] = {}  # job -> what its job.json last recorded (see _save)
         self.disk_full_writes = 0  # store writes a full disk refused (events and samples are dropped)
         self._disk_full_logged = 0.0
-        self._disk_need: dict[str, disk_policy.DiskNeed] = {}  # job -> what it will hold on disk at most
+        self.disk = DiskRoom(self.jobs_dir, self._running)
         self._worker_phase: dict[str, str] = {}  # job -> the phase its worker last stated
         self._phase_seq: dict[str, int] = {}  # job -> the sequence number of that statement
 
@@ -369,8 +352,9 @@ class Daemon:
                     raise SpecError(field, str(e)) from None
         spec["window"] = window
         self._check_own_budget(spec)
-        self._check_files(spec, owner_uid)
-        self._check_disk(spec)
+        access.check_paths(spec, owner_uid)
+        check_trainable(spec)
+        self.disk.check(spec)
         assert self.store is not None
         seq = max(self.store.next_seq(), self._seq_floor + 1)  # never an id a job directory already had
         job_id = f"{spec['name']}-{seq}"
@@ -394,7 +378,7 @@ class Daemon:
             shutil.rmtree(job_dir, ignore_errors=True)
             if isinstance(e, DiskFull) or store_is_disk_full(e):
                 raise DiskFull(f"the disk under {self.state_dir} is full: the job was not queued "
-                               f"({mem.fmt_bytes(_free_disk(self.jobs_dir))} free)") from e
+                               f"({mem.fmt_bytes(free_disk(self.jobs_dir))} free)") from e
             raise
         self.jobs[job.id] = job
         self._event(job, "enqueued", {"estimate_bytes": job.estimate, "window": window, "not_before": job.not_before})
@@ -432,33 +416,11 @@ class Daemon:
         else:
             job.state, job.finished, job.reason = JobState.CANCELLED, time.time(), "cancelled before it ran"
             self.timers.forget(job.id)
+            self.disk.forget(job.id)
         self._event(job, "cancel", {"state": job.state})
         self.wake()
         self._persist(job)
         return job
-
-    @staticmethod
-    def _check_files(spec: dict, uid: int | None) -> None:
-        """What the worker would only find out after loading the model, refused now: a path that does
-        not exist, one the caller could not read themselves (the worker reads as the daemon's user),
-        a `trainable` pattern that matches no parameter of the model."""
-        other = uid is not None and uid != os.geteuid()
-        for field, path in spec_paths(spec):
-            if other and not access.readable_by(path, uid):
-                raise SpecError(field, f"{path}: you (uid {uid}) cannot read it, or it does not exist; the daemon "
-                                "reads only files its caller could read")
-            if not Path(path).exists():
-                raise SpecError(field, f"{path} does not exist on the daemon's machine")
-        patterns = spec["trainable"]
-        if not isinstance(patterns, list):
-            return
-        model_dir = Path(spec["model"]) if spec["model"] != "default" else _default_model_dir()
-        names = tensor_names(model_dir) if model_dir else None
-        for pattern in patterns if names else ():
-            if not any(pattern in name for name in names):
-                raise SpecError("trainable", f"pattern {pattern!r} matches no parameter of {spec['model']} (a "
-                                f"pattern is a part of a name such as {names[len(names) // 2]!r}; or use full, "
-                                "topK, lora)")
 
     def _check_own_budget(self, spec: dict) -> None:
         """A job that needs more than the whole device budget would wait forever, and every job queued
@@ -481,65 +443,15 @@ class Daemon:
                             "max_length, train in int8 with lora, start the daemon with a larger --budget, or declare "
                             "`budget:` if you know it fits")
 
-    def disk_need(self, spec: dict) -> disk_policy.DiskNeed:
-        """What a job will hold on disk at most, from its model's safetensors headers (or, with none to
-        read, its config) and its spec; torch-free."""
-        s = {**DEFAULTS, **spec}
-        try:
-            shapes, side = model_files(s["model"])
-        except ModelFilesError as e:
-            raise SpecError("model", str(e)) from None
-        if shapes is None:
-            shapes = disk_policy.llama_shapes(model_config(s["model"]) or mem.SMOLLM2_135M)
-        return disk_policy.need(
-            shapes, trainable=s["trainable"], precision=s["precision"], method=s["method"],
-            steps=int(s["steps"] or 0), perturbations=int((s["optim"] or {}).get("perturbations", 1)),
-            lora=s["lora"], snapshot_every=s["snapshot_every"], keep=int((s["snapshot"] or {}).get("keep", 1)),
-            side_files=side)
-
-    def _job_disk_need(self, job: Job) -> disk_policy.DiskNeed:
-        need = self._disk_need.get(job.id)
-        if need is None:
-            try:
-                need = self.disk_need(job.spec)
-            except SpecError:  # its model's files changed since enqueue: counted as needing nothing more
-                need = disk_policy.DiskNeed(0, 0, 0, 0)
-            need = self._disk_need[job.id] = need
-        return need
-
-    def _disk_left(self, job: Job) -> int:
-        """What a job has still to write: its expected most, less what its directory holds already."""
-        held = job_disk_use(Path(job.job_dir), job.spec.get("output"))["total_bytes"]
-        return max(0, self._job_disk_need(job).total - held)
-
-    def _disk_free(self) -> tuple[int, int]:
-        """(free bytes on the job directories' filesystem, what running jobs have still to write there)."""
-        promised = sum(self._disk_left(j) for j in self._running())
-        return shutil.disk_usage(self.jobs_dir).free, promised
-
-    def _check_disk(self, spec: dict) -> None:
-        """Refuse a job whose output and snapshots do not fit the free disk now, with the numbers."""
-        need = self.disk_need(spec)
-        free, promised = self._disk_free()
-        why = disk_policy.disk_wait(need.total, free, str(self.jobs_dir), need.describe(), promised)
-        if why:
-            raise NoDiskRoom(f"not queued: this job {why}; free some disk, train fewer tensors (trainable: lora or topK), "
-                             "or, for a ZO method, take no snapshots (snapshot_every: 0: the seed-log alone "
-                             "rebuilds the weights)", need.total, free - promised)
-
     def _wait_for_disk(self, job: Job) -> bool:
         """True (and the job's reason says why, with the numbers) when what it has still to write does
         not fit the free disk, less what running jobs have still to write."""
-        need = self._job_disk_need(job)
-        left = self._disk_left(job)
-        free, promised = self._disk_free()
-        detail = need.describe() + (f"; {mem.fmt_bytes(need.total - left)} already written" if left < need.total else "")
-        why = disk_policy.disk_wait(left, free, str(self.jobs_dir), detail, promised)
-        if why and job.reason != f"waiting: {why}":
-            job.reason = f"waiting: {why}"
-            self._event(job, "disk-wait", {"reason": job.reason, "need_bytes": left, "free_bytes": free - promised})
+        waiting = self.disk.wait_reason(job)
+        if waiting and job.reason != f"waiting: {waiting[0]}":
+            job.reason = f"waiting: {waiting[0]}"
+            self._event(job, "disk-wait", {"reason": job.reason, "need_bytes": waiting[1], "free_bytes": waiting[2]})
             self._save(job)
-        return why is not None
+        return waiting is not None
 
     def retry(self, job: Job, budget: str | None = None) -> Job:
         """Queue a failed or cancelled job again; its worker resumes from the seed-log, so no step
@@ -815,7 +727,7 @@ class Daemon:
             candidates.append(admission.Candidate(job.id, self._steady(job), job.queued_at, job.state == JobState.PAUSED))
         if not candidates:
             return
-        free = _free_disk(self.jobs_dir)
+        free = free_disk(self.jobs_dir)
         if free < self.cfg.disk_reserve:  # a worker would fail on its first seed-log write
             reason = (f"waiting for disk space: {mem.fmt_bytes(free)} free under {self.jobs_dir}, a job starts with "
                       f"at least {mem.fmt_bytes(self.cfg.disk_reserve)} free")
@@ -921,6 +833,7 @@ class Daemon:
         if job.state in FINAL:
             job.finished = now
             self.timers.forget(job.id)
+            self.disk.forget(job.id)
         job.control, job.phase = Control.RUN, ""
         self._event(job, "exit", {"code": rc, "state": job.state, "reason": job.reason,
                                   "failure": failure or None})
@@ -1002,49 +915,5 @@ class Daemon:
         }
 
     def authorize(self, peer) -> bool:
-        if peer is None:
-            return False
-        if peer.uid in (0, os.getuid()):
-            return True
-        if self.group_gid is None:
-            return False
-        return peer.gid == self.group_gid or self.group_gid in _proc_groups(peer.pid)
-
-    def _group_gid(self) -> int | None:
-        try:
-            return grp.getgrnam(self.cfg.socket_group).gr_gid
-        except KeyError:
-            return None
-
-
-def _proc_groups(pid: int) -> set[int]:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Groups:"):
-                return {int(g) for g in line.split()[1:]}
-    except OSError:
-        pass
-    return set()
-
-
-def _default_model_dir() -> Path | None:
-    """The packaged model's directory for this daemon's user, if fetched (never downloads)."""
-    from edgezo.assets import AssetError, default_assets
-
-    try:
-        return default_assets().model_dir
-    except AssetError:
-        return None
-
-
-def model_config(model: str) -> dict | None:
-    """The HF config of a local model directory (no torch), None for `default`/GGUF/unknown."""
-    if model == "default":
-        return None
-    p = Path(model)
-    cfg_path = p / "config.json" if p.is_dir() else None
-    if cfg_path and cfg_path.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            cfg = json.loads(cfg_path.read_text())
-            return cfg.get("text_config", cfg) if isinstance(cfg, dict) else None
-    return None
+        """May this peer change anything (enqueue, cancel, retry)?"""
+        return access.may_change(peer, self.group_gid)

@@ -21,7 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SNAPSHOT_DIR = "snapshots"
+from edgezo.jobdir import SNAPSHOTS
+
+SNAPSHOT_DIR = SNAPSHOTS  # the job directory's snapshot folder
 _FILE = re.compile(r"(step|optim)-([0-9]{8,})\.safetensors")
 
 

@@ -607,3 +607,17 @@ def test_the_store_is_readable_by_the_daemons_user_only(core, tmp_path):
     assert {f.name for f in files} >= {"edgezo.db", "edgezo.db-wal"}
     for f in files:
         assert f.stat().st_mode & 0o777 == 0o600, f
+
+
+def test_the_daemon_never_imports_torch():
+    """The daemon runs for weeks next to the jobs it schedules: importing torch would cost it hundreds
+    of MiB of the memory it hands out. Every daemon module, and the CLI's daemon commands, stay torch-free."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pkgutil, importlib, daemon, edgezo.daemon_cli\n"
+            "for m in pkgutil.iter_modules(daemon.__path__): importlib.import_module('daemon.' + m.name)\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules)\n"
+            "assert not heavy, heavy")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]

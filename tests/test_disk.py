@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon.core import Config, Daemon, NoDiskRoom
+from daemon.core import Config, Daemon
+from daemon.diskroom import NoDiskRoom
 from daemon.store import Job
-from edgezo.disk import job_disk_use, model_files, safetensors_shapes
+from edgezo.disk import job_disk_use
+from edgezo.model_files import model_files, safetensors_shapes
 from edgezo.spec import load_spec
 from policies import disk as dp
 
@@ -138,11 +140,11 @@ def test_a_queued_job_waits_for_disk_with_the_reason_and_others_start(core, tmp_
 
 def test_what_a_paused_job_already_wrote_counts_against_its_need(core):
     job = core.enqueue({"name": "rt", "batch_size": 1, "max_length": 32})
-    need = core._job_disk_need(job).total
+    need = core.disk.job_need(job).total
     written = sum(f.stat().st_size for f in Path(job.job_dir).iterdir())  # spec.json and job.json
-    assert written > 0 and core._disk_left(job) == need - written
+    assert written > 0 and core.disk.left(job) == need - written
     (Path(job.job_dir) / "seedlog.ezl").write_bytes(b"\0" * MiB)
-    assert core._disk_left(job) == need - written - MiB
+    assert core.disk.left(job) == need - written - MiB
 
 
 def test_a_daemon_jobs_report_shows_its_directory_on_disk(core):
