@@ -27,7 +27,6 @@ class DeviceState:
     free: int  # device free (system: MemAvailable)
     edgezo: int  # sum over workers
     jobs: dict[str, int] = field(default_factory=dict)  # per job, the figure the budget counts
-    rss: dict[str, int] = field(default_factory=dict)  # per job, host RSS (for reports)
 
     @property
     def usage(self) -> int:
@@ -47,12 +46,11 @@ class Monitor:
     def sample(self, now: float, pids: dict[str, int]) -> DeviceState:
         dev = _system() if self.forced == "system" else nvml.device_memory(self.index)
         source = dev.source
-        rss = {job: nvml.rss_bytes(pid, children=True) for job, pid in pids.items()}
         if source == "nvml":
             per_pid = nvml.process_memory(list(pids.values()), self.index)
             jobs = {job: per_pid.get(pid, 0) for job, pid in pids.items()}
         else:
-            jobs = dict(rss)
+            jobs = {job: nvml.rss_bytes(pid, children=True) for job, pid in pids.items()}
         return DeviceState(
             ts=now,
             source=source,
@@ -62,7 +60,6 @@ class Monitor:
             free=dev.free_bytes,
             edgezo=sum(jobs.values()),
             jobs=jobs,
-            rss=rss,
         )
 
 

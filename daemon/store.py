@@ -14,7 +14,7 @@ import os
 import shutil
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +84,9 @@ class Job:
     heartbeat: float | None = None
     owner_uid: int | None = None
     version: int = 0  # bumped on every change of state, control or allotment (see Daemon._save)
-    extra: dict = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
 
 
 JOB_FIELDS = {f.name for f in fields(Job)}

@@ -12,10 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from edgezo import __version__
+from edgezo import __version__, daemon_cli
 from edgezo.protocol import JobState
-
-DEFAULT_SPEC = Path(__file__).with_name("default_spec.yaml")
+from edgezo.spec import DEFAULT_SPEC
 
 
 def _spec_source(value: str) -> Path:
@@ -127,7 +126,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from edgezo import daemon_cli
     from edgezo.report import load_report, render
 
     job = Path(args.job)
@@ -148,7 +146,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     import subprocess
 
     from edgezo.client import Client, DaemonNotRunning, discover_socket
-    from edgezo.daemon_cli import render_report
     from edgezo.progress import follow_job
 
     sock = discover_socket(args.socket)
@@ -185,7 +182,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
               "pauses, resumable from its seed-log)" if daemon else "; the job goes on)"), file=sys.stderr)
         info = follow_job(client, job_id, sys.stderr)
         report = client.report(job_id)
-        print(render_report(report))
+        print(daemon_cli.render_report(report))
         _quickstart_plots(Path(info["job_dir"]), job_id)
         return 0 if info.get("state") == JobState.DONE else 1
     finally:
@@ -282,8 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-daemon", action="store_true", help="leave the daemon running afterwards")
     q.add_argument("--log", default=str(Path.home() / ".local" / "state" / "edgezo" / "quickstart-daemon.log"))
     q.set_defaults(func=cmd_quickstart)
-
-    from edgezo import daemon_cli
 
     daemon_cli.add_commands(sub)
     return p

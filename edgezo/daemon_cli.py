@@ -134,11 +134,9 @@ def _is_root() -> bool:
 @_guard
 def cmd_enqueue(args) -> int:
     """Validate a spec here (naming the bad field), then queue it on the daemon."""
-    from edgezo.spec import SpecError, load_spec, read_spec_file
+    from edgezo.spec import DEFAULT_SPEC, SpecError, load_spec, read_spec_file
 
     try:
-        from edgezo.cli import DEFAULT_SPEC
-
         raw = read_spec_file(args.spec if args.spec != "default" else DEFAULT_SPEC)
         raw = _absolute_paths(raw, Path(args.spec).parent if args.spec != "default" else Path.cwd())
         sets = _absolute_sets(args.set or [])

@@ -62,11 +62,6 @@ def is_lora(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors by their names in the wrapped model."""
-    return {n: p.detach() for n, p in model.named_parameters() if any(s in n for s in ADAPTER_PATTERNS)}
-
-
 def save_adapter(model: nn.Module, out) -> None:
     """A standard peft adapter directory (only the adapter tensors, not the base)."""
     model.save_pretrained(str(out), safe_serialization=True)

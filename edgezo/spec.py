@@ -27,6 +27,7 @@ DEVICES = ("auto", "cpu", "cuda")
 NOISE = ("auto", "torch", "philox")
 DIRECTIONS = ("dense", "lowrank")  # edgezo/lowrank.py (kept here too: this module stays torch-free)
 TRAINABLE_SETS = ("full", "lora", "scales")  # or topK (the last K blocks and the final norm), or name patterns
+DEFAULT_SPEC = Path(__file__).with_name("default_spec.yaml")  # the packaged default job (`default`)
 PATH_FIELDS = ("model", "task.train", "task.eval")  # local paths, or "default" for the packaged assets
 
 

@@ -90,7 +90,7 @@ def _running(d: Daemon, job_id: str, started: float, **kw) -> Job:
 
 def _device(used: int, free: int = 10**12) -> DeviceState:
     return DeviceState(ts=time.time(), source="system", name="test", total=10**12, used=used, free=free,
-                       edgezo=used, jobs={}, rss={})
+                       edgezo=used, jobs={})
 
 
 def test_pressure_pauses_the_youngest_after_the_grace(core):

@@ -124,7 +124,7 @@ def test_a_queued_job_waits_for_disk_with_the_reason_and_others_start(core, tmp_
     from daemon.monitor import DeviceState
 
     core.device = DeviceState(ts=0.0, source="system", name="test", total=10**12, used=0, free=10**12,
-                              edgezo=0, jobs={}, rss={})
+                              edgezo=0, jobs={})
     spec = load_spec({"name": "huge", "model": str(_huge_model(tmp_path)), "batch_size": 1, "max_length": 32})
     big = Job(id="huge-1", seq=1, name="huge", spec=spec, job_dir=str(core.jobs_dir / "huge-1"), created=0.0,
               queued_at=0.0, estimate=100 * MiB)

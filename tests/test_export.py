@@ -290,8 +290,7 @@ def test_packaged_model_exports_q8_0_gguf(tmp_path):
     """The default job, a few steps, as a q8_0 GGUF: the drop-in for the packaged GGUF, trained norm exact."""
     from gguf import GGUFReader
 
-    from edgezo.cli import DEFAULT_SPEC
-    from edgezo.spec import load_spec
+    from edgezo.spec import DEFAULT_SPEC, load_spec
 
     a = _packaged()
     spec = load_spec(DEFAULT_SPEC, ["steps=3", "batch_size=4", "eval_size=0", "optim.perturbations=8",

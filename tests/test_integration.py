@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from edgezo.cli import DEFAULT_SPEC
-from edgezo.spec import load_spec
+from edgezo.spec import DEFAULT_SPEC, load_spec
 from edgezo.trainer import prepare_job_dir, run_job
 
 
