@@ -40,10 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+from edgezo.protocol import FINAL  # noqa: E402
 from tests.daemon_harness import DaemonProc, wait_for  # noqa: E402
 
 MiB = 2**20
-TERMINAL = ("done", "failed", "cancelled")
 
 
 def fmt(n: float | None) -> str:
@@ -193,7 +193,7 @@ def run_mode(a: argparse.Namespace, model: Path, data: Path, *, n: int, budget: 
         sampler = Sampler(d.proc.pid, cuda=a.device == "cuda").start()
         t0 = time.time()
         ids = [d.enqueue(job_spec(f"stagger{i}", model, data, a))["id"] for i in range(n)]
-        wait_for(lambda: all(d.job(i)["state"] in TERMINAL for i in ids), a.timeout, interval=0.5,
+        wait_for(lambda: all(d.job(i)["state"] in FINAL for i in ids), a.timeout, interval=0.5,
                  what=f"{label}: all jobs finished")
         makespan = time.time() - t0
         device = d.client().request("GET", "/device")

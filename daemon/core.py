@@ -189,7 +189,7 @@ class Daemon:
             except (OSError, ValueError) as e:
                 log.warning("job directory %s is not in the store and unreadable (%s); left alone", d, e)
                 continue
-            done = report.get("status") == "done"
+            done = report.get("status") == JobState.DONE
             job = Job(id=d.name, seq=int(m.group(1)), name=str(spec.get("name", d.name)), spec=spec, job_dir=str(d),
                       created=d.stat().st_mtime, state=JobState.DONE if done else JobState.FAILED,
                       steps_total=int(spec.get("steps", 0) or 0), step=int(report.get("steps_done", 0) or 0),
@@ -800,12 +800,12 @@ class Daemon:
         elif job.id in self.failing:
             job.state, job.reason = JobState.FAILED, self.failing.pop(job.id)
         elif job.control == Control.STOP and rc in (Exit.CANCELLED, Exit.PAUSED) or (job.control == Control.STOP and rc and rc < 0):
-            job.state, job.reason = JobState.CANCELLED, "cancelled"
+            job.state, job.reason = JobState.CANCELLED, str(JobState.CANCELLED)
         elif rc == Exit.CANCELLED:
             job.state, job.reason = JobState.CANCELLED, "cancelled by the worker"
         elif rc == Exit.PAUSED:
             job.state = JobState.PAUSED
-            job.reason = job.pause_reason or "paused"
+            job.reason = job.pause_reason or str(JobState.PAUSED)
             job.queued_at = now
         elif rc == Exit.DISK_FULL:  # every step it finished is in its seed-log; it resumes when there is room
             job.state, job.queued_at = JobState.PAUSED, now

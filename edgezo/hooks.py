@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgezo.protocol import Control
+
 
 class TrainerHooks:
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
-        """Progress and lifecycle: kinds are start, step, eval, phase, snapshot, done, error."""
+        """Progress and lifecycle: `kind` is an `edgezo.protocol.Event`."""
 
     def try_lease(self, phase: str, nbytes: int) -> bool:
         """Ask for `nbytes` of device memory for a heavy phase. False: not now, keep doing ZO steps."""
@@ -22,9 +24,10 @@ class TrainerHooks:
         """The heavy phase is over and its memory is back."""
 
     def control(self) -> str:
-        """'run', 'pause' (checkpoint and exit, resumable), 'stop' (cancelled) or 'finish' (no more
-        steps: evaluate, export and report what there is, as if the last step were the final one)."""
-        return "run"
+        """What the supervisor asks now (`edgezo.protocol.Control`): run, pause (checkpoint and exit,
+        resumable), stop (cancelled) or finish (no more steps: evaluate, export and report what there
+        is, as if the last step were the final one)."""
+        return Control.RUN
 
     def eval_wanted(self, step: int) -> bool:
         """An extra evaluation now, besides eval_every (benchmarks evaluate at wall-clock marks)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edgezo.hooks import TrainerHooks
 from edgezo.jobdir import REPORT, SPEC, SYNTHETIC_LOG, write_json_atomic
-from edgezo.protocol import Cancelled, Control, Event, Paused, Phase
+from edgezo.protocol import Cancelled, Control, Event, JobState, Paused, Phase
 from edgezo.timeweighted import summarize
 
 
@@ -112,14 +112,14 @@ def synthetic_run_job(job_dir: Path, hooks: TrainerHooks) -> dict:
     del base
     summary = summarize(samples)
     report = {
-        "status": "done",
+        "status": JobState.DONE,
         "steps_done": total,
         "metrics": {"zero_shot": None, "final": None, "history": [], "heavy_phases": heavy_runs},
         "memory": {"meter": "synthetic:rss", "device": "cpu", "peak_bytes": summary["peak_bytes"],
                    "avg_bytes": summary["avg_bytes"], "phases": summary["phases"], "sources": {"rss": "psutil"}},
     }
     write_json_atomic(job_dir / REPORT, report)
-    hooks.on_event(Event.DONE, {"report": {"status": "done", "steps_done": total}})
+    hooks.on_event(Event.DONE, {"report": {"status": JobState.DONE, "steps_done": total}})
     return report
 
 

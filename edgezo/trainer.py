@@ -30,7 +30,7 @@ from edgezo.memory import MEMORY_LOG, MemoryLog, MemoryMeter, release_free_heap
 from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
 from edgezo.noise import NoiseUnavailable, ZOParam, make_noise, mix
 from edgezo.perturb import Perturber, collect_params
-from edgezo.protocol import Cancelled, EdgezoError, Paused, Phase
+from edgezo.protocol import Cancelled, Control, EdgezoError, Event, JobState, Paused, Phase
 from edgezo.report import accuracy_gain
 from edgezo.snapshots import SNAPSHOT_DIR, SnapshotClock, fsync_dir, keep_count, prune
 from edgezo.spec import spec_hash
@@ -224,7 +224,7 @@ def roll_back(engine: Engine, rb: Rollback, writer, events: EventLog) -> None:
         engine.clock.taken()
     restore(engine, writer.path)  # the ROLLBACK frame is in: the steps after rb.to no longer count,
     # and the guard is rebuilt from the log (rolled back, lr lowered), as a resume would rebuild it
-    events.emit("rollback", step=rb.at, to=rb.to, lr=engine.method.lr, best_loss=engine.guard.best,
+    events.emit(Event.ROLLBACK, step=rb.at, to=rb.to, lr=engine.method.lr, best_loss=engine.guard.best,
                 seconds=time.monotonic() - t0)
 
 
@@ -362,7 +362,7 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
                         on_reading=memory_log.add)
     meter.start()
     try:
-        with _phase(meter, events, "load"):
+        with _phase(meter, events, Phase.LOAD):
             engine = build_engine(spec)
             task = make_task(spec["task"], engine.model, engine.tokenizer, engine.perturber, spec["max_length"],
                              engine.device)
@@ -422,7 +422,7 @@ def shared_prefix(engine: Engine, task, batch, events: EventLog):
         warnings.warn(f"frozen-prefix sharing gave loss {shared!r} where the full forward gives {full!r}; "
                       "running every forward in full", stacklevel=2)
         return None
-    events.emit("prefix", frozen_blocks=cut, blocks=len(decoder_layers(decoder)))
+    events.emit(Event.PREFIX, frozen_blocks=cut, blocks=len(decoder_layers(decoder)))
     return PrefixCache(decoder, cut)
 
 
@@ -430,9 +430,9 @@ def _evaluate(task, evalset, spec, meter, step: int, events: EventLog, tag: str)
     if events.verbose:
         print(f"eval ({tag.replace('_', '-')}) on {len(evalset)} examples at step {step} ...", file=sys.stderr,
               flush=True)
-    with _phase(meter, events, "eval"):
+    with _phase(meter, events, Phase.EVAL):
         metrics = task.evaluate(evalset, spec["batch_size"])
-    events.emit("eval", step=step, tag=tag, metrics=metrics)
+    events.emit(Event.EVAL, step=step, tag=tag, metrics=metrics)
     if events.verbose:
         print("  " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("n", "correct")),
               file=sys.stderr, flush=True)
@@ -448,9 +448,9 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
     # method: fo holds one lease, for its whole run (every step is heavy; it covers the evals too).
     fo = not getattr(engine.method, "replayable", True)
     step_phase = Phase.FO_STEP if fo else Phase.ZO_STEP
-    events.emit("start", steps_total=total, resumed_from=start, device=str(engine.device),
+    events.emit(Event.START, steps_total=total, resumed_from=start, device=str(engine.device),
                 trainable_params=sum(p.param.numel() for p in engine.params), step_phase=step_phase)
-    evals = {e["tag"]: e["metrics"] for e in events.history("eval") if e.get("tag") in ("zero_shot", "final")}
+    evals = {e["tag"]: e["metrics"] for e in events.history(Event.EVAL) if e.get("tag") in ("zero_shot", "final")}
     if evalset and "zero_shot" not in evals and not resumed:
         evals["zero_shot"] = _evaluate(task, evalset, spec, meter, 0, events, "zero_shot")
 
@@ -469,11 +469,11 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
     try:
         if fo and step < total:
             fo_bytes = fo_lease_bytes(engine, bs, spec["max_length"])
-            while not hooks.try_lease("fo_step", fo_bytes):
+            while not hooks.try_lease(Phase.FO_STEP, fo_bytes):
                 _wait_for_lease(hooks, writer, events, step)
             fo_leased = True
         while step < total:
-            if _obey(hooks, writer, events, step) == "finish":
+            if _obey(hooks, writer, events, step) == Control.FINISH:
                 break
             batch = [train[i] for i in bucketed_batch(lengths, bs, step, spec["seed"])]
             objective = task.step_objective(batch)
@@ -502,7 +502,7 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 roll_back(engine, rb, writer, events)
             done_here += 1
             rate = done_here / max(1e-9, time.monotonic() - t0)
-            events.emit("step", step=step, loss=rec.loss, lr=rec.lr, steps_per_s=rate, forwards=objective.cost())
+            events.emit(Event.STEP, step=step, loss=rec.loss, lr=rec.lr, steps_per_s=rate, forwards=objective.cost())
             if bar is not None:
                 bar.set_postfix(loss=f"{rec.loss:.4f}", refresh=False)
                 bar.update(1)
@@ -517,12 +517,12 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 eval_due = True
             if evalset and step < total and hooks.eval_wanted(step):
                 eval_due = True
-            if eval_due and (fo or hooks.try_lease("eval", lease_bytes)):
+            if eval_due and (fo or hooks.try_lease(Phase.EVAL, lease_bytes)):
                 try:
                     _evaluate(task, evalset, spec, meter, step, events, "periodic")
                 finally:
                     if not fo:
-                        hooks.release_lease("eval")
+                        hooks.release_lease(Phase.EVAL)
                 eval_due = False
         # Nothing left to overlap with: wait for the leases, never drop a due projection or the final eval.
         while proj_due and step > 0:
@@ -531,11 +531,11 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 proj_due -= 1
             else:
                 _wait_for_lease(hooks, writer, events, step)
-        while evalset and not fo and not hooks.try_lease("eval", lease_bytes):
+        while evalset and not fo and not hooks.try_lease(Phase.EVAL, lease_bytes):
             _wait_for_lease(hooks, writer, events, step)
     except BaseException:
         if fo_leased:
-            hooks.release_lease("fo_step")
+            hooks.release_lease(Phase.FO_STEP)
         raise
     finally:
         if bar is not None:
@@ -548,17 +548,17 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 evals["final"] = _evaluate(task, evalset, spec, meter, total, events, "final")
             finally:
                 if not fo:
-                    hooks.release_lease("eval")
+                    hooks.release_lease(Phase.EVAL)
     finally:
         if fo_leased:
-            hooks.release_lease("fo_step")
-    with _phase(meter, events, "export"):
+            hooks.release_lease(Phase.FO_STEP)
+    with _phase(meter, events, Phase.EXPORT):
         export(engine, job_dir / spec["output"])
     writer.close()
     wall = time.monotonic() - t0
     report = build_report(spec, job_dir, evals, events, meter, step, wall, done_here, engine.perturber.noise.name)
     write_json_atomic(job_dir / "report.json", report)
-    events.emit("done", report={k: report[k] for k in ("status", "steps_done", "metrics")})
+    events.emit(Event.DONE, report={k: report[k] for k in ("status", "steps_done", "metrics")})
     return report
 
 
@@ -581,12 +581,12 @@ def export(engine: Engine, out: Path) -> None:
 def _obey(hooks: TrainerHooks, writer, events: EventLog, step: int) -> str:
     """Pause or stop at a step boundary when the supervisor says so; the seed-log is the checkpoint."""
     action = hooks.control()
-    if action == "finish":
-        events.emit("finish", step=step)
-    if action in ("pause", "stop"):
+    if action == Control.FINISH:
+        events.emit(Event.FINISH, step=step)
+    if action in (Control.PAUSE, Control.STOP):
         writer.sync()
-        events.emit("paused" if action == "pause" else "cancelled", step=step)
-        raise Paused(step) if action == "pause" else Cancelled(step)
+        events.emit(Event.PAUSED if action == Control.PAUSE else Event.CANCELLED, step=step)
+        raise Paused(step) if action == Control.PAUSE else Cancelled(step)
     return action
 
 
@@ -602,18 +602,18 @@ def _maybe_project(engine: Engine, task, batch, step: int, writer, events: Event
 
     method = engine.method
     lease = projection_lease_bytes(engine, len(batch), engine.spec["max_length"], meter) if method.heavy else 0
-    if method.heavy and not hooks.try_lease("projection", lease):
+    if method.heavy and not hooks.try_lease(Phase.PROJECTION, lease):
         return False
     try:
-        with _phase(meter, events, "projection"):
+        with _phase(meter, events, Phase.PROJECTION):
             before = task.objective(batch)
             rec = method.project(step, lambda: task.objective(batch), lambda: task.loss(batch))
             rec.loss_before, rec.loss_after = before, task.objective(batch)
     finally:
         if method.heavy:
-            hooks.release_lease("projection")
+            hooks.release_lease(Phase.PROJECTION)
     writer.append(seedlog.PROJECTION, projection_frame(rec))
-    events.emit("projection", step=step, mode=rec.mode, loss_before=rec.loss_before, loss_after=rec.loss_after,
+    events.emit(Event.PROJECTION, step=step, mode=rec.mode, loss_before=rec.loss_before, loss_after=rec.loss_after,
                 ratios=[g / n if n else 1.0 for _, g, n in rec.layers])
     return True
 
@@ -638,7 +638,7 @@ def projection_lease_bytes(engine: Engine, batch: int, seq: int, meter: MemoryMe
     estimate = int(saved + working)
     if meter is not None:
         phases = meter.summary().get("phases", {})
-        proj, steady = phases.get("projection"), phases.get("zo_step")
+        proj, steady = phases.get(Phase.PROJECTION), phases.get(Phase.ZO_STEP)
         if proj and steady and proj.get("peak_bytes"):
             return max(int(1.1 * (proj["peak_bytes"] - steady.get("avg_bytes", 0))), 0)
     return estimate
@@ -671,7 +671,7 @@ def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog
     writer.append(seedlog.SNAPSHOT, record, sync=True)
     deleted = prune(job_dir, keep_count(engine.spec))
     nbytes = sum((job_dir / record[k]).stat().st_size for k in ("file", "optim") if k in record)
-    events.emit("snapshot", step=step, bytes=nbytes, deleted=len(deleted), replay_s=engine.clock.debt_s,
+    events.emit(Event.SNAPSHOT, step=step, bytes=nbytes, deleted=len(deleted), replay_s=engine.clock.debt_s,
                 seconds=time.monotonic() - t0)
     engine.clock.taken()
 
@@ -679,11 +679,11 @@ def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog
 def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter: MemoryMeter, steps_done: int,
                  wall: float, steps_here: int, noise: str) -> dict:
     history = [{"step": e["step"], **{k: v for k, v in e["metrics"].items() if k != "correct"}}
-               for e in events.history("eval")]
+               for e in events.history(Event.EVAL)]
     rollbacks = [{k: e[k] for k in ("step", "to", "lr", "best_loss")} for e in events.history("rollback")]
     return {
         "name": spec["name"],
-        "status": "done",
+        "status": JobState.DONE,
         "steps_done": steps_done,
         "steps_total": spec["steps"],
         "method": spec["method"],

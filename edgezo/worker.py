@@ -206,7 +206,7 @@ def _describe(kind: str, data: dict, hooks: DaemonHooks) -> str:
         shown = {k: v for k, v in (data.get("metrics") or {}).items() if k != "correct"}
         return f"eval at step {data.get('step')}: {json.dumps(shown)}"
     if kind == Event.DONE:
-        return "done"
+        return str(Event.DONE)
     return f"{kind} {json.dumps(_jsonable(data))[:300]}"
 
 
