@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgezo.protocol import EdgezoError
+from edgezo.spec import read_job_spec
 
 FORMATS = ("gguf", "safetensors", "peft")
 QUANTS = ("f16", "q8_0")  # GGUF matrix types; norms stay F32
@@ -34,7 +35,7 @@ def read_spec(job_dir: Path) -> dict:
     path = Path(job_dir) / "spec.json"
     if not path.is_file():
         raise ExportError(f"{job_dir} is not a job directory (no spec.json)")
-    return json.loads(path.read_text())
+    return read_job_spec(job_dir)
 
 
 def check_request(spec: dict, fmt: str, quant: str | None, base_gguf: str | None) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from edgezo.jobdir import JOB_FILES
+from edgezo.jobdir import JOB_FILES, SPEC
 from edgezo.protocol import EdgezoError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -211,8 +211,8 @@ def _num(spec: dict, path: str, *, kind: type = float, lo: float | None = None, 
         if float(v) != int(v):
             raise SpecError(path, f"expected an integer, got {v!r}")
         v = int(v)
-    else:
-        v = float(v)
+    # a float field keeps an integer as written (16 stays 16): the validated spec validates to itself,
+    # byte for byte, so its hash is the same wherever it is read again (worker, export, resume)
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise SpecError(path, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
     if hi is not None and v > hi:
@@ -404,6 +404,19 @@ def load_spec(source: str | Path | dict, sets: list[str] | None = None) -> dict:
     """Read (file or mapping), apply overrides, validate. The one entry point for every caller."""
     raw = read_spec_file(source) if not isinstance(source, dict) else copy.deepcopy(source)
     return validate(apply_sets(raw, sets))
+
+
+def read_job_spec(job_dir: str | Path) -> dict:
+    """A job directory's spec.json, validated again: whoever reads a job (worker, export, resume)
+    trusts only a spec that passes the same checks the CLI and the daemon applied when it was written."""
+    path = Path(job_dir) / SPEC
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as e:
+        raise SpecError("<file>", f"{path}: cannot read the job's spec ({e.strerror or e})") from None
+    except ValueError as e:
+        raise SpecError("<file>", f"{path}: not valid JSON ({e})") from None
+    return validate(raw)
 
 
 def spec_hash(spec: dict) -> str:

@@ -9,14 +9,14 @@ pressure, pauses and faults in seconds. Knobs in EDGEZO_SYNTHETIC, e.g.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 from edgezo.hooks import TrainerHooks
-from edgezo.jobdir import REPORT, SPEC, SYNTHETIC_LOG, write_json_atomic
+from edgezo.jobdir import REPORT, SYNTHETIC_LOG, write_json_atomic
 from edgezo.protocol import Cancelled, Control, Event, JobState, Paused, Phase
+from edgezo.spec import read_job_spec
 from edgezo.timeweighted import summarize
 
 
@@ -42,7 +42,7 @@ def synthetic_run_job(job_dir: Path, hooks: TrainerHooks) -> dict:
     from edgezo.nvml import rss_bytes
 
     job_dir = Path(job_dir)
-    spec = json.loads((job_dir / SPEC).read_text())
+    spec = read_job_spec(job_dir)
     k = _knobs()
     total, every = int(spec["steps"]), max(int(k["heavy_every"]), 1)
     log_path = job_dir / SYNTHETIC_LOG

@@ -33,7 +33,7 @@ from edgezo.perturb import Perturber, collect_params
 from edgezo.protocol import Cancelled, Control, EdgezoError, Event, JobState, Paused, Phase
 from edgezo.report import accuracy_gain
 from edgezo.snapshots import SNAPSHOT_DIR, SnapshotClock, fsync_dir, keep_count, prune
-from edgezo.spec import spec_hash
+from edgezo.spec import read_job_spec, spec_hash
 from edgezo.tasks import make_task
 from edgezo.zo import METHODS, StepRecord, ZOMethod
 
@@ -354,7 +354,7 @@ def eval_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
 def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool = False) -> dict:
     job_dir = Path(job_dir)
     hooks = hooks or TrainerHooks()
-    spec = json.loads((job_dir / "spec.json").read_text())
+    spec = read_job_spec(job_dir)
     events = EventLog(job_dir / "events.jsonl", hooks, verbose=progress)
     device = resolve_device(spec["device"])
     memory_log = MemoryLog(job_dir / MEMORY_LOG)  # the job's own samples: its plots need no daemon

@@ -101,7 +101,9 @@ def _hf_tok(tiny_gguf: Path):
 
 @pytest.mark.parametrize("quant,bound", [("f16", F16_BOUND), ("q8_0", Q8_BOUND)])
 def test_gguf_round_trip_gives_the_trained_logits(tmp_path, tiny_gguf, quant, bound):
-    job = _run(tmp_path, tiny_gguf, steps=6, optim={"lr": 3e-2, "eps": 1e-3})  # the job's model is the GGUF
+    # the job's model is the GGUF; lr 1e-3 trains without diverging (at 3e-2 the tiny model's loss went
+    # 0.9 -> 770 in six steps on transformers 5.25, and weights of ~60 are beyond what q8_0 keeps to 3 %)
+    job = _run(tmp_path, tiny_gguf, steps=6, optim={"lr": 1e-3, "eps": 1e-3})
     out = tmp_path / f"model-{quant}.gguf"
     assert cli_main(["export", str(job), "--format", "gguf", "--quant", quant, "--out", str(out)]) == 0
 

@@ -153,3 +153,34 @@ def test_bad_data_says_why(tmp_path, tiny_spec_dict):
 
     with pytest.raises(DataError, match="label 'meh'"):
         run_job(job)
+
+
+def test_a_job_whose_spec_json_was_edited_into_nonsense_fails_naming_the_field(tmp_path):
+    """The worker trusts only a spec that passes the checks enqueue applied: a hand-edited spec.json
+    fails with the field's name before any model is loaded, and so does an export of it."""
+    from edgezo.export import read_spec
+    from edgezo.spec import DEFAULT_SPEC, SpecError, load_spec
+
+    spec = load_spec(DEFAULT_SPEC)
+    spec["batch_size"] = "sixteen"
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    for read in (run_job, read_spec):
+        with pytest.raises(SpecError, match="batch_size"):
+            read(tmp_path)
+    (tmp_path / "spec.json").write_text("{not json")
+    with pytest.raises(SpecError, match="not valid JSON"):
+        run_job(tmp_path)
+
+
+@pytest.mark.parametrize("sets", [[], ["trainable=lora", "lora.alpha=16"], ["trainable=lora", "lora.alpha=8.5"],
+                                  ["method=dizo", "optim.lr=1"], ["method=fo", "trainable=lora"]])
+def test_a_validated_spec_validates_to_itself_byte_for_byte(sets):
+    """The worker validates the spec.json the daemon wrote: if validating twice changed a value (an
+    integer written for a float field turned into 16.0), the seed-log's spec hash would no longer
+    match and the job could not resume."""
+    from edgezo.spec import DEFAULT_SPEC, load_spec, spec_hash, validate
+
+    once = load_spec(DEFAULT_SPEC, sets)
+    twice = validate(json.loads(json.dumps(once)))
+    assert json.dumps(twice, sort_keys=True) == json.dumps(once, sort_keys=True)
+    assert spec_hash(twice) == spec_hash(once)
