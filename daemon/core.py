@@ -392,10 +392,11 @@ class Daemon:
             self.timers.watch(job.id, window=job.window, at=at)
 
     def estimate(self, spec: dict) -> mem.Footprint:
-        cfg = model_config(spec["model"])
+        """The job's footprint from its model's config (a directory's, a GGUF's header, the packaged
+        default's); a model with none to read is estimated as the packaged default."""
         on_gpu = self.device is not None and self.device.source == "nvml" and spec.get("device") != "cpu"
-        fp = mem.estimate(
-            cfg or mem.SMOLLM2_135M,
+        return mem.estimate(
+            model_config(spec["model"]) or mem.SMOLLM2_135M,
             precision=spec["precision"],
             trainable=spec["trainable"],
             batch_size=spec["batch_size"],
@@ -403,8 +404,12 @@ class Daemon:
             method=spec["method"],
             device="cuda" if on_gpu else "cpu",
             runtime_overhead=self.cfg.runtime_overhead,
+            task_type=(spec.get("task") or {}).get("type", "classification"),
+            lora=spec.get("lora"),
+            checkpointing=bool((spec.get("dizo") or {}).get("checkpointing")),
+            dizo_layers=(spec.get("dizo") or {}).get("layers"),
+            anchor_in_memory=str(spec["model"]).endswith(".gguf"),
         )
-        return fp
 
     def cancel(self, job: Job) -> Job:
         if job.state in FINAL:

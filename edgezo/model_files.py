@@ -89,11 +89,36 @@ def default_model_dir() -> Path | None:
         return None
 
 
-def model_config(model: str) -> dict | None:
-    """The HF config of a local model directory, None for `default`/GGUF/unknown."""
-    if model == "default":
+def gguf_config(path: Path) -> dict | None:
+    """A GGUF file's architecture fields under their HF config names (what policies/memory.py reads);
+    None when it cannot be read. The `gguf` package parses the header only (numpy, no torch)."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        arch = fields["general.architecture"]
+        tensors = {t.name for t in reader.tensors}
+    except Exception:  # noqa: BLE001 - an unreadable file falls back like any unknown model
         return None
-    p = Path(model)
+    names = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+             "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
+             "num_key_value_heads": "attention.head_count_kv", "vocab_size": "vocab_size"}
+    cfg = {hf: fields[f"{arch}.{key}"] for hf, key in names.items() if f"{arch}.{key}" in fields}
+    if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in fields:
+        cfg["vocab_size"] = len(fields["tokenizer.ggml.tokens"])
+    cfg["tie_word_embeddings"] = "output.weight" not in tensors
+    return cfg if "hidden_size" in cfg and "num_hidden_layers" in cfg else None
+
+
+def model_config(model: str) -> dict | None:
+    """The HF config of a local model (a directory's config.json, a .gguf's header, the packaged
+    default's directory once fetched); None when there is none to read (the caller falls back)."""
+    p = default_model_dir() if model == "default" else Path(model)
+    if p is None:
+        return None
+    if p.is_file() and p.suffix == ".gguf":
+        return gguf_config(p)
     cfg_path = p / "config.json" if p.is_dir() else None
     if cfg_path and cfg_path.is_file():
         with contextlib.suppress(OSError, ValueError):

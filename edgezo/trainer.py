@@ -36,6 +36,7 @@ from edgezo.snapshots import SNAPSHOT_DIR, SnapshotClock, fsync_dir, keep_count,
 from edgezo.spec import read_job_spec, spec_hash
 from edgezo.tasks import make_task
 from edgezo.zo import METHODS, StepRecord, ZOMethod
+from policies import memory as mem
 
 
 class TrainingError(EdgezoError, RuntimeError):
@@ -318,37 +319,19 @@ class EventLog:
         return out
 
 
-def _attn_probs_bytes(cfg, batch: int, seq: int) -> int:
-    """One layer's [batch, heads, seq, seq] attention probabilities where the attention materialises them
-    (eager: softmax in fp32); fused kernels (sdpa, flash) keep only per-row statistics."""
-    impl = getattr(cfg, "_attn_implementation", None) or "eager"
-    if impl != "eager":
-        return 0
-    return batch * getattr(cfg, "num_attention_heads", 12) * seq * seq * 4
-
-
-def _activation_sizes(engine: Engine, batch: int, seq: int) -> tuple[int, int, int, int]:
-    """Bytes at this batch and length: (one layer's input, the number of layers, what one layer keeps
-    for its backward, one layer's forward working set), the pieces the heavy phases' estimates add up."""
+def _model_shape(engine: Engine) -> tuple[dict, int]:
+    """The loaded model's config as `policies.memory` reads it (with the attention it really runs),
+    and the bytes of one activation value: the worker sizes leases with the daemon's estimator."""
     cfg = engine.model.config
-    hidden = getattr(cfg, "hidden_size", 768)
-    inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    elem = 2 if engine.spec["precision"] in ("fp16", "bf16") else 4
-    tokens = batch * seq
-    probs = _attn_probs_bytes(cfg, batch, seq)
-    return (tokens * hidden * elem, getattr(cfg, "num_hidden_layers", 12),
-            tokens * (6 * hidden + 3 * inter) * elem + probs, tokens * (4 * hidden + 3 * inter) * elem + probs)
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    d["attn_implementation"] = getattr(cfg, "_attn_implementation", None) or "eager"
+    return d, 2 if engine.spec["precision"] in ("fp16", "bf16") else 4
 
 
 def eval_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
-    """A rough upper bound on what an eval forward adds over the steady state (activations)."""
-    cfg = engine.model.config
-    hidden = getattr(cfg, "hidden_size", 768)
-    layers = getattr(cfg, "num_hidden_layers", 12)
-    inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    elem = 2 if engine.spec["precision"] in ("fp16", "bf16") else 4
-    return int(batch * seq * (4 * hidden + 2 * inter) * elem * 2 + batch * seq * hidden * layers * elem // 4
-               + 2 * _attn_probs_bytes(cfg, batch, seq))  # scores and probabilities live at once
+    """What an eval forward adds over the steady state (policies.memory.eval_extra)."""
+    cfg, elem = _model_shape(engine)
+    return mem.eval_extra(cfg, batch, seq, elem)
 
 
 def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool = False) -> dict:
@@ -619,40 +602,26 @@ def _maybe_project(engine: Engine, task, batch, step: int, writer, events: Event
 
 
 def projection_lease_bytes(engine: Engine, batch: int, seq: int, meter: MemoryMeter | None = None) -> int:
-    """What an FO projection adds over the steady state: the activations autograd keeps for the backward.
-
-    With weights frozen except the projected factors, the backward runs from the loss down to the
-    first projected layer, so every layer keeps (measured on Llama) about 6·hidden + 3·intermediate
-    values per token (norm inputs, the q/v inputs, q/k/v for the attention, the MLP's gate/up/act)
-    plus, with eager attention, its fp32 probabilities; on top, one layer's forward working set.
-    With `meter` and a projection already measured, the measurement wins: that phase's peak over the
-    steady (zo_step) average, plus 10 % — the estimate is only for the first phase.
-    """
+    """What an FO projection adds over the steady state (policies.memory.projection_extra). With
+    `meter` and a projection already measured, the measurement wins: that phase's peak over the
+    steady (zo_step) average, plus 10 % — the estimate is only for the first phase."""
     if not getattr(engine.method, "heavy", False):
         return 0
-    layer_input, layers, per_layer, working = _activation_sizes(engine, batch, seq)
-    if engine.spec.get("dizo", {}).get("checkpointing"):
-        saved = layers * layer_input + per_layer  # layer inputs; one layer recomputed at a time
-    else:
-        saved = layers * per_layer
-    estimate = int(saved + working)
     if meter is not None:
         phases = meter.summary().get("phases", {})
         proj, steady = phases.get(Phase.PROJECTION), phases.get(Phase.ZO_STEP)
         if proj and steady and proj.get("peak_bytes"):
             return max(int(1.1 * (proj["peak_bytes"] - steady.get("avg_bytes", 0))), 0)
-    return estimate
+    cfg, elem = _model_shape(engine)
+    return mem.projection_extra(cfg, batch, seq, elem, bool(engine.spec.get("dizo", {}).get("checkpointing")))
 
 
 def fo_lease_bytes(engine: Engine, batch: int, seq: int) -> int:
-    """What a method: fo run holds over the loaded model, for its whole run: the activations a
-    checkpointed backward keeps (every layer's input, one layer recomputed with what it saves, one
-    layer's working set), or an eval forward if larger, plus gradients and AdamW's two moments for
-    the trainable set (each the size of the trainable tensors)."""
-    layer_input, layers, recomputed, working = _activation_sizes(engine, batch, seq)
-    acts = layers * layer_input + recomputed + working
+    """What a method: fo run holds over the loaded model for its whole run (policies.memory.fo_extra),
+    with the trainable tensors' real size."""
+    cfg, elem = _model_shape(engine)
     trainable = sum(p.param.numel() * p.param.element_size() for p in engine.params)
-    return int(max(acts, eval_lease_bytes(engine, batch, seq)) + 3 * trainable)
+    return mem.fo_extra(cfg, batch, seq, elem, trainable)
 
 
 def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog) -> None:

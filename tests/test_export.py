@@ -321,3 +321,18 @@ def test_packaged_model_exports_q8_0_gguf(tmp_path):
     got = _logits(_load_gguf(out)[0], ids)
     assert rel_err(got, ref) < Q8_BOUND
     assert torch.equal(got[:, -1].argmax(-1), ref[:, -1].argmax(-1))
+
+
+def test_the_daemon_estimates_a_gguf_model_from_its_own_header(tiny_gguf):
+    """A job on a .gguf model used to be estimated as the packaged 135M model; the GGUF's header
+    gives the same architecture fields as the config.json it was made from."""
+    import json
+
+    from edgezo.model_files import model_config
+
+    hf = json.loads((tiny_gguf.parent / "hf" / "config.json").read_text())
+    got = model_config(str(tiny_gguf))
+    assert got is not None
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "tie_word_embeddings"):
+        assert got[key] == hf[key], key

@@ -30,7 +30,40 @@ def test_estimate_scales_with_dtype_batch_and_runtime():
     assert cuda.runtime == mem.RUNTIME_OVERHEAD["cuda"]
     assert mem.estimate(cfg, runtime_overhead=0).runtime == 0
     dizo = mem.estimate(cfg, method="dizo")
-    assert dizo.steady > fp32.steady and dizo.heavy["projection"] > 0
+    assert dizo.steady == fp32.steady and dizo.heavy["projection"] > 0  # the anchor streams from safetensors
+    gguf = mem.estimate(cfg, method="dizo", anchor_in_memory=True)  # a GGUF model's anchor is a host copy
+    assert gguf.steady - fp32.steady == 30 * (576 * 576 + 576 * 192) * 4
+
+
+def test_a_classification_forward_counts_no_vocabulary_wide_logits():
+    """The engine multiplies the last hidden state by the verbalizer rows only; the estimate used to add
+    [batch, seq, vocab] fp32 logits (192 MiB at the default job's shape) that are never built.
+    Generation does build logits over the answer positions, and they are counted."""
+    cfg = mem.SMOLLM2_135M
+    cls = mem.estimate(cfg, batch_size=16, max_length=64)
+    gen = mem.estimate(cfg, batch_size=16, max_length=64, task_type="generation")
+    assert cls.activations < 40 * MiB
+    assert gen.activations - cls.activations == 16 * 32 * cfg["vocab_size"] * 4
+
+
+def test_trainable_bytes_follow_the_trainable_set():
+    cfg = mem.SMOLLM2_135M
+    weights = mem.count_params(cfg) * 4
+    lora = mem.trainable_bytes(cfg, "lora", weights, {"rank": 8, "targets": ["q_proj", "v_proj"]})
+    # q: 576 -> 576, v: 576 -> 3 x 64 = 192; rank 8 fp32 factors on each of 30 layers
+    assert lora == 30 * 8 * 4 * ((576 + 576) + (576 + 192))
+    assert mem.trainable_bytes(cfg, "top3", weights) == weights * 3 // 30
+    assert mem.trainable_bytes(cfg, "full", weights) == weights
+    fo_lora = mem.estimate(cfg, method="fo", trainable="lora").heavy["fo_step"]
+    fo_full = mem.estimate(cfg, method="fo", trainable="full").heavy["fo_step"]
+    assert fo_full - fo_lora == 3 * (weights - lora)
+
+
+def test_eager_attention_adds_its_probabilities_and_sdpa_does_not():
+    cfg = dict(mem.SMOLLM2_135M)
+    sdpa = mem.estimate(cfg, batch_size=16, max_length=128)
+    eager = mem.estimate({**cfg, "attn_implementation": "eager"}, batch_size=16, max_length=128)
+    assert eager.activations - sdpa.activations == 16 * 9 * 128 * 128 * 4
 
 
 def test_refine_prefers_measurement():

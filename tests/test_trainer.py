@@ -184,3 +184,26 @@ def test_a_validated_spec_validates_to_itself_byte_for_byte(sets):
     twice = validate(json.loads(json.dumps(once)))
     assert json.dumps(twice, sort_keys=True) == json.dumps(once, sort_keys=True)
     assert spec_hash(twice) == spec_hash(once)
+
+
+def test_the_worker_sizes_its_leases_with_the_daemons_estimator(tiny_spec_dict):
+    """One estimator: the eval, projection and fo leases a worker asks for are what the daemon's
+    estimate of the same spec, read from the model's config.json, says those phases add."""
+    from edgezo.model_files import model_config
+    from edgezo.spec import load_spec
+    from edgezo.trainer import build_engine, eval_lease_bytes, fo_lease_bytes, projection_lease_bytes
+    from policies import memory as mem
+
+    for method, trainable in (("dizo", "full"), ("fo", "full"), ("fo", "lora")):
+        spec = load_spec({**tiny_spec_dict, "method": method, "trainable": trainable,
+                          **({"dizo": {"projection": "fo"}} if method == "dizo" else {})})
+        engine = build_engine(spec)
+        cfg = {**model_config(spec["model"]), "attn_implementation": engine.model.config._attn_implementation}
+        fp = mem.estimate(cfg, batch_size=spec["batch_size"], max_length=spec["max_length"], method=method,
+                          trainable=trainable, lora=spec["lora"])
+        b, n = spec["batch_size"], spec["max_length"]
+        assert eval_lease_bytes(engine, b, n) == fp.heavy["eval"]
+        if method == "dizo":
+            assert projection_lease_bytes(engine, b, n) == fp.heavy["projection"]
+        if method == "fo":
+            assert fo_lease_bytes(engine, b, n) == fp.heavy["fo_step"], trainable
