@@ -148,7 +148,7 @@ def build_router(d: Daemon) -> Router:
         now = time.time()
         return Response(body={"leases": [lease.public(now) for lease in d.leases.leases.values()],
                               "enabled": d.cfg.leases, "policy": d.cfg.lease_policy,
-                              "headroom_bytes": d.headroom()})
+                              "headroom_bytes": d.scheduler.headroom()})
 
     async def create_lease(req: Request) -> Response:
         body = req.json()
@@ -220,7 +220,7 @@ def _device_brief(d: Daemon) -> dict:
         "source": dev.source if dev else None,
         "budget_bytes": d.budget,
         "usage_bytes": dev.usage if dev else None,
-        "headroom_bytes": d.headroom() if dev else None,
+        "headroom_bytes": d.scheduler.headroom() if dev else None,
     }
 
 
@@ -276,7 +276,7 @@ def prometheus(d: Daemon) -> str:
         metric("device_used_bytes", "gauge", "Device memory in use, every process.", [(src, dev.used)])
         metric("budget_bytes", "gauge", "The daemon's memory budget.", [({}, d.budget)])
         metric("usage_bytes", "gauge", "Memory counted against the budget.", [({}, dev.usage)])
-        metric("headroom_bytes", "gauge", "What a new job or lease may take now.", [({}, d.headroom())])
+        metric("headroom_bytes", "gauge", "What a new job or lease may take now.", [({}, d.scheduler.headroom())])
         metric("external_bytes", "gauge", "Device memory used outside edgezo workers.", [({}, dev.external)])
     states = tuple(JobState)
     counts = {s: 0 for s in states}

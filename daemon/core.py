@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -27,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgezo.jobdir import FAILURE, JOB_RECORD, REPORT, SPEC, read_json, write_json_atomic
+from edgezo.jobdir import FAILURE, REPORT, SPEC, read_json, write_json_atomic
 from edgezo.model_files import check_trainable, model_config
 from edgezo.protocol import (
     ACTIVE,
@@ -41,18 +39,17 @@ from edgezo.protocol import (
     checked_fields,
 )
 from edgezo.spec import SpecError, load_spec
-from edgezo.timeweighted import Accumulator
-from policies import admission
-from policies import leases as lease_policy
 from policies import memory as mem
 
-from . import access, jobrecord, sdnotify, windows
+from . import access, jobrecord, recovery, sdnotify, windows
+from .accounting import MemoryAccounts
 from .diskroom import DiskRoom, free_disk
 from .leases import Lease, LeaseBroker
 from .monitor import DeviceState, Monitor
+from .scheduler import Scheduler
 from .store import DiskFull, Job, Store, StoreCorrupt, find_job
 from .store import is_disk_full as store_is_disk_full
-from .supervisor import Supervisor, is_worker, reap_orphan
+from .supervisor import Supervisor
 
 log = logging.getLogger("edgezo.daemon")
 
@@ -82,7 +79,6 @@ class Config:
     socket_group: str = "edgezo"
 
 
-_JOB_SEQ = re.compile(r"-([0-9]{1,12})$")  # job ids are {name}-{seq}
 class Daemon:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -98,10 +94,7 @@ class Daemon:
         self.budget = 0
         self.started = time.time()
         self.stopping = False
-        self.over_since: float | None = None
-        self.blocked_since: float | None = None  # when the leases last became stuck (see _unblock_leases)
         self.failing: dict[str, str] = {}  # job -> why the daemon is stopping it as failed
-        self.over_own_since: dict[str, float] = {}  # job -> since when it is over its own budget
         self.timers = windows.Timers(self.wake)
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -113,13 +106,14 @@ class Daemon:
         self.last_loop_error = ""
         self._loop_error_logged = 0.0
         self._sampled: dict[str, set[str]] = {}  # job -> the phases its memory samples cover
-        self._seq_floor = 0  # the highest job number any job directory carries (see _adopt_orphans)
-        self._acc: dict[str, Accumulator] = {}  # job -> its samples' peak and time-weighted average
+        self._seq_floor = 0  # the highest job number any job directory carries (see recovery.adopt_orphans)
+        self.accounts = MemoryAccounts(lambda job_id: self.store.samples(job_id) if self.store else [])
         self._unsaved: set[str] = set()  # jobs whose last change a full disk kept out of the store
-        self._recorded: dict[str, tuple] = {}  # job -> what its job.json last recorded (see _save)
+        self.recorded: dict[str, tuple] = {}  # job -> what its job.json last recorded (see save)
         self.disk_full_writes = 0  # store writes a full disk refused (events and samples are dropped)
         self._disk_full_logged = 0.0
-        self.disk = DiskRoom(self.jobs_dir, self._running)
+        self.disk = DiskRoom(self.jobs_dir, self.running)
+        self.scheduler = Scheduler(self)
         self._worker_phase: dict[str, str] = {}  # job -> the phase its worker last stated
         self._phase_seq: dict[str, int] = {}  # job -> the sequence number of that statement
 
@@ -140,80 +134,9 @@ class Daemon:
         self.budget = self.cfg.budget or int(self.device.total * 0.9)
         for job in self.store.load_jobs():
             self.jobs[job.id] = job
-        self._restore_from_job_files()
-        self._adopt_orphans()
-        self._recover()
-
-    def _restore_from_job_files(self) -> None:
-        """Each job directory's job.json is the daemon's second record of the job. Where it is newer
-        than the store (a damaged WAL frame makes SQLite drop that commit and every later one, without
-        a word: an acknowledged cancel came back undone), it wins, and the store is corrected."""
-        for job in list(self.jobs.values()):
-            newer = jobrecord.read(Path(job.job_dir))
-            if newer is None or not isinstance(newer.version, int) or newer.version <= job.version:
-                self._recorded[job.id] = jobrecord.decisive(job)
-                continue
-            if newer.id != job.id:
-                continue
-            log.warning("job %s: the store had version %d (%s), its job directory version %d (%s); the store lost "
-                        "a change and is corrected from %s", job.id, job.version, job.state, newer.version,
-                        newer.state, JOB_RECORD)
-            self.jobs[job.id] = newer
-            self._save(newer)
-            self._event(newer, "restored", {"from": JOB_RECORD, "store_version": job.version,
-                                            "version": newer.version})
-
-    def _adopt_orphans(self) -> None:
-        """Job directories the store does not know (a lost or rolled-back database) come back as jobs:
-        as their job.json recorded them, or, without one, done when their report says so, otherwise
-        failed with a reason (never run by surprise). Their ids are never handed out again (a new job
-        once picked up an old job's seed-log)."""
-        for d in sorted(self.jobs_dir.iterdir()):
-            m = _JOB_SEQ.search(d.name)
-            if m:
-                self._seq_floor = max(self._seq_floor, int(m.group(1)))
-            if d.name in self.jobs or not m or not (d / SPEC).is_file():
-                continue
-            recorded = jobrecord.read(d)
-            if recorded is not None and recorded.id == d.name:  # the daemon's own record: exactly as acknowledged
-                self.jobs[recorded.id] = recorded
-                self._save(recorded)
-                self._event(recorded, "restored", {"from": JOB_RECORD, "store_version": None,
-                                                   "version": recorded.version})
-                log.warning("job %s was missing from the store; restored from %s as %s", d.name, JOB_RECORD,
-                            recorded.state)
-                continue
-            try:
-                spec = json.loads((d / SPEC).read_text())
-                report = json.loads((d / REPORT).read_text()) if (d / REPORT).is_file() else {}
-            except (OSError, ValueError) as e:
-                log.warning("job directory %s is not in the store and unreadable (%s); left alone", d, e)
-                continue
-            done = report.get("status") == JobState.DONE
-            job = Job(id=d.name, seq=int(m.group(1)), name=str(spec.get("name", d.name)), spec=spec, job_dir=str(d),
-                      created=d.stat().st_mtime, state=JobState.DONE if done else JobState.FAILED,
-                      steps_total=int(spec.get("steps", 0) or 0), step=int(report.get("steps_done", 0) or 0),
-                      reason="" if done else "adopted from its job directory after the store lost it; "
-                      "`edgezo retry` resumes it from its seed-log")
-            self.jobs[job.id] = job
-            self._save(job)
-            self._event(job, "adopted", {"job_dir": str(d), "report": bool(report)})
-            log.warning("job %s was missing from the store; adopted from %s as %s", job.id, d, job.state)
-
-    def _recover(self) -> None:
-        """Jobs that were running when the previous daemon died resume from their seed-logs."""
-        now = time.time()
-        for job in self.jobs.values():
-            if job.state != JobState.RUNNING:
-                continue
-            if job.pid and is_worker(job.pid, job.id):
-                reap_orphan(job.pid)
-            job.state, job.pid, job.control, job.phase = JobState.PAUSED, None, Control.RUN, ""
-            job.reason = "resuming after daemon restart (from its seed-log)"
-            job.queued_at = now
-            job.heartbeat = None
-            self._event(job, "recovered", {"step": job.step})
-            self._save(job)
+        recovery.restore_from_job_files(self)
+        self._seq_floor = recovery.adopt_orphans(self)
+        recovery.resume_running(self)
 
     async def run(self, socks: list[socket.socket], server) -> int:
         """Serve until SIGTERM/SIGINT; then stop workers at a step boundary and exit."""
@@ -277,26 +200,26 @@ class Daemon:
         self._wake.set()
 
     async def _shutdown(self) -> None:
-        for job in self._running():
+        for job in self.running():
             job.control = Control.PAUSE
             job.pause_reason = "daemon stopped; resumes when it starts again"
-            self._save(job)
+            self.save(job)
         await self.workers.wait_all(self.cfg.stop_timeout_s)
 
     # ------------------------------------------------------------------ jobs
-    def _running(self) -> list[Job]:
+    def running(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.state == JobState.RUNNING]
 
-    def _save(self, job: Job) -> None:
+    def save(self, job: Job) -> None:
         """Write a job through to the store. On a full disk the change stays in memory (it is in
         effect) and is written again each tick until there is room; see `_persist` for changes a
         client waits to have acknowledged."""
         if not self.store:
             return
         decisive = jobrecord.decisive(job)
-        if self._recorded.get(job.id) != decisive:  # state, control or allotment changed: record it twice
+        if self.recorded.get(job.id) != decisive:  # state, control or allotment changed: record it twice
             job.version += 1
-            self._recorded[job.id] = decisive
+            self.recorded[job.id] = decisive
             jobrecord.write(job)
         try:
             self.store.save_job(job)
@@ -307,7 +230,7 @@ class Daemon:
 
     def _persist(self, job: Job) -> None:
         """`_save` for a change a client asked for: a full disk is the client's answer (HTTP 507)."""
-        self._save(job)
+        self.save(job)
         if job.id in self._unsaved:
             raise DiskFull(f"the disk under {self.state_dir} is full: the change to {job.id} is in effect but not "
                            "saved yet (it is saved once there is room; a daemon restart before that would lose it)")
@@ -315,11 +238,11 @@ class Daemon:
     def _save_unsaved(self) -> None:
         for job_id in list(self._unsaved):
             if job_id in self.jobs:
-                self._save(self.jobs[job_id])
+                self.save(self.jobs[job_id])
             else:
                 self._unsaved.discard(job_id)
 
-    def _event(self, job: Job, kind: str, data: dict) -> None:
+    def event(self, job: Job, kind: str, data: dict) -> None:
         if self.store:
             try:
                 self.store.add_event(job.id, time.time(), kind, data)
@@ -371,7 +294,7 @@ class Daemon:
         job.estimate = int(spec["budget"]) if spec.get("budget") else self.estimate(spec).steady
         try:  # acknowledged only once durable: on a full disk the client hears so and nothing is queued
             write_json_atomic(job_dir / SPEC, spec)
-            job.version, self._recorded[job.id] = 1, jobrecord.decisive(job)
+            job.version, self.recorded[job.id] = 1, jobrecord.decisive(job)
             jobrecord.write(job)
             self.store.save_job(job)
         except (OSError, DiskFull) as e:
@@ -381,7 +304,7 @@ class Daemon:
                                f"({mem.fmt_bytes(free_disk(self.jobs_dir))} free)") from e
             raise
         self.jobs[job.id] = job
-        self._event(job, "enqueued", {"estimate_bytes": job.estimate, "window": window, "not_before": job.not_before})
+        self.event(job, "enqueued", {"estimate_bytes": job.estimate, "window": window, "not_before": job.not_before})
         self._watch_time(job)
         self.wake()
         return job
@@ -422,7 +345,7 @@ class Daemon:
             job.state, job.finished, job.reason = JobState.CANCELLED, time.time(), "cancelled before it ran"
             self.timers.forget(job.id)
             self.disk.forget(job.id)
-        self._event(job, "cancel", {"state": job.state})
+        self.event(job, "cancel", {"state": job.state})
         self.wake()
         self._persist(job)
         return job
@@ -448,14 +371,14 @@ class Daemon:
                             "max_length, train in int8 with lora, start the daemon with a larger --budget, or declare "
                             "`budget:` if you know it fits")
 
-    def _wait_for_disk(self, job: Job) -> bool:
+    def wait_for_disk(self, job: Job) -> bool:
         """True (and the job's reason says why, with the numbers) when what it has still to write does
         not fit the free disk, less what running jobs have still to write."""
         waiting = self.disk.wait_reason(job)
         if waiting and job.reason != f"waiting: {waiting[0]}":
             job.reason = f"waiting: {waiting[0]}"
-            self._event(job, "disk-wait", {"reason": job.reason, "need_bytes": waiting[1], "free_bytes": waiting[2]})
-            self._save(job)
+            self.event(job, "disk-wait", {"reason": job.reason, "need_bytes": waiting[1], "free_bytes": waiting[2]})
+            self.save(job)
         return waiting is not None
 
     def retry(self, job: Job, budget: str | None = None) -> Job:
@@ -477,7 +400,7 @@ class Daemon:
         was = job.reason
         job.state, job.reason, job.control, job.pause_reason = JobState.QUEUED, "", Control.RUN, ""
         job.queued_at, job.finished, job.attempts = time.time(), None, 0
-        self._event(job, "retry", {"previous": was, "budget": job.spec.get("budget")})
+        self.event(job, "retry", {"previous": was, "budget": job.spec.get("budget")})
         self._watch_time(job)
         self.wake()
         self._persist(job)
@@ -497,9 +420,9 @@ class Daemon:
             job.loss = data.get("loss")
             job.steps_per_s = data.get("steps_per_s")
         self._worker_says(job, data, now)
-        self._event(job, kind, data)
+        self.event(job, kind, data)
         if kind != Event.STEP:  # steps are saved with the next memory sample (see `sample`)
-            self._save(job)
+            self.save(job)
         return {"control": job.control}
 
     def heartbeat(self, job: Job, body: Any = None) -> dict:
@@ -527,10 +450,10 @@ class Daemon:
             return Lease(0, job.id, phase, int(nbytes), now, now)
         lease = self.leases.request(job.id, phase, nbytes, now)
         if lease.granted is None and not self.stopping:
-            self._grant(now)
+            self.scheduler.grant(now)
         if lease.granted is not None and job.phase != phase:
             self._enter_phase(job, phase, now)
-            self._event(job, "lease", {"phase": phase, "bytes": lease.nbytes, "waited_s": lease.granted - lease.requested})
+            self.event(job, "lease", {"phase": phase, "bytes": lease.nbytes, "waited_s": lease.granted - lease.requested})
         return lease
 
     def lease_release(self, job: Job, phase: str) -> Lease | None:
@@ -549,11 +472,11 @@ class Daemon:
 
     # ------------------------------------------------------------------ the loop
     def sample(self, now: float) -> None:
-        pids = {j.id: j.pid for j in self._running() if j.pid}
+        pids = {j.id: j.pid for j in self.running() if j.pid}
         self.device = self.monitor.sample(now, pids)
-        leased = self.leases.outstanding(self._usage)
+        leased = self.leases.outstanding(self.usage)
         rows = []
-        for job in self._running():
+        for job in self.running():
             used = self.device.jobs.get(job.id, 0)
             job.mem_now = used
             job.mem_peak = max(job.mem_peak, used)
@@ -562,8 +485,8 @@ class Daemon:
             if job.pid:
                 rows.append((job.id, now, used, job.phase or Phase.LOAD))
                 self._sampled.setdefault(job.id, set()).add(job.phase or Phase.LOAD)
-                self._accumulate(job.id, now, used)
-            self._save(job)
+                self.accounts.add(job.id, now, used)
+            self.save(job)
         if self.store:
             try:
                 self.store.add_samples(rows, (now, self.device.usage, self.device.edgezo, leased,
@@ -571,35 +494,8 @@ class Daemon:
             except DiskFull as e:  # the samples are lost; admission, leases and the running jobs go on
                 self._disk_full(e)
 
-    def _usage(self, job_id: str) -> int:
+    def usage(self, job_id: str) -> int:
         return self.device.jobs.get(job_id, 0) if self.device else 0
-
-    def _steady(self, job: Job) -> int:
-        """What admission reserves for a job: a declared `budget` is an allotment the job may grow
-        into (kept even when it measures less); a model-based estimate yields to measurement."""
-        if job.spec.get("budget"):
-            return max(int(job.spec["budget"]), job.measured or 0)
-        return mem.refine(job.estimate, job.measured)
-
-    def pending(self) -> int:
-        """Memory promised but not yet visible in measurements: starting workers and fresh leases.
-
-        A running job is counted at its steady (ZO-step) footprint, since it may climb back there,
-        unless it is idle: every step done and waiting for a lease (its last projection or the final
-        eval). It sleeps until granted, so it holds what it holds now, and the lease covers the rest.
-        Counting idle jobs at their step peaks made jobs queued at the end look like a deadlock."""
-        unmeasured = sum(max(self._steady(j) - self._usage(j.id), 0) for j in self._running() if not self._idle(j))
-        return unmeasured + self.leases.outstanding(self._usage)
-
-    def _idle(self, job: Job) -> bool:
-        return (bool(job.steps_total) and job.step >= job.steps_total and self._usage(job.id) > 0
-                and any(x.granted is None for x in self.leases.of_job(job.id)))
-
-    def headroom(self) -> int:
-        dev = self.device
-        assert dev is not None
-        pend = self.pending()
-        return admission.headroom(self.budget, dev.usage + pend, dev.free - pend, self.cfg.reserve)
 
     def tick(self, now: float) -> None:
         self.ticks += 1
@@ -607,174 +503,30 @@ class Daemon:
             self._save_unsaved()
         if self.device is None:
             return
-        for lease in self.leases.expire(now, self._heartbeat_of):
-            log.warning("lease %s of %s expired (worker stopped heartbeating)", lease.phase, lease.job_id)
-            job = self.jobs.get(lease.job_id)
-            if job:
-                self._event(job, "lease-expired", {"phase": lease.phase, "bytes": lease.nbytes})
-        if not self.stopping:
-            self._enforce_windows(now)
-            self._relieve_pressure(now)
-            self._enforce_job_budgets(now)
-            self._admit(now)
-            self._grant(now)
-            self._unblock_leases(now)
+        self.scheduler.decide(now)
         status = self._status_line()
         if status != self._last_status:
             sdnotify.notify(f"STATUS={status}")
             self._last_status = status
 
-    def _unblock_leases(self, now: float) -> None:
-        """Break a lease deadlock that has lasted `lease_max_wait_s` (policies.leases.unblock decides)."""
-        running, pending = self._running(), self.leases.waiting()
-        if not pending or not self.cfg.leases or any(j.control != Control.RUN for j in running):
-            self.blocked_since = None  # nothing waits, or someone is already pausing or stopping
-            return
-        waiting = [lease_policy.Request(x.key, x.job_id, x.phase, x.nbytes, x.requested) for x in pending]
-        holders = [lease_policy.Holder(j.id, j.started or 0.0, self._usage(j.id)) for j in running]
-        decision = lease_policy.unblock(holders, waiting, granted=len(self.leases.granted()),
-                                        headroom=self.headroom(), budget=self.budget, fmt=mem.fmt_bytes)
-        if decision is None:
-            self.blocked_since = None
-            return
-        if self.blocked_since is None:
-            self.blocked_since = now
-        if now - self.blocked_since < self.cfg.lease_max_wait_s:
-            return
-        job = self.jobs[decision.job_id]
-        log.warning("job %s: %s (%s)", job.id, decision.action, decision.reason)
-        if decision.action == "pause":
-            self._pause(job, decision.reason)
-        else:
-            self._fail(job, decision.reason)
-        self.blocked_since = None
-
-    def _heartbeat_of(self, job_id: str) -> float | None:
-        job = self.jobs.get(job_id)
-        if job is None or job.state != JobState.RUNNING:
-            return None
-        return job.heartbeat
-
-    def _enforce_windows(self, now: float) -> None:
-        dt = datetime.fromtimestamp(now, timezone.utc)
-        for job in self._running():
-            if job.window and job.control == Control.RUN and not windows.in_window(job.window, dt):
-                self._pause(job, f"outside its window '{job.window}'")
-
-    def _relieve_pressure(self, now: float) -> None:
-        dev = self.device
-        assert dev is not None
-        over = max(dev.usage - self.budget, self.cfg.reserve - dev.free if dev.free < self.cfg.reserve else 0)
-        if over <= 0:
-            self.over_since = None
-            return
-        if self.over_since is None:
-            self.over_since = now
-        if now - self.over_since < self.cfg.pressure_grace_s:
-            return
-        if any(j.control == Control.PAUSE for j in self._running()):
-            return  # one at a time: wait for that one to checkpoint and free its memory
-        victims = [(j.id, j.started or 0.0) for j in self._running() if j.control == Control.RUN]
-        victim = admission.pressure_victim(victims, over)
-        if victim:
-            self._pause(self.jobs[victim], f"memory pressure: {mem.fmt_bytes(dev.usage)} used, "
-                                           f"budget {mem.fmt_bytes(self.budget)}, {mem.fmt_bytes(dev.free)} free")
-            self.over_since = now
-
-    def _enforce_job_budgets(self, now: float) -> None:
-        """A job's own `budget:` caps its steady footprint (ZO steps; loading is transient and leased
-        heavy phases are the device budget's business). Over it for `--pressure-grace` seconds, the
-        job fails (pausing would only readmit it into the same overrun), saying how to resume it."""
-        for job in self._running():
-            cap = job.spec.get("budget")
-            used = self._usage(job.id)
-            leased = any(x.granted is not None for x in self.leases.of_job(job.id))
-            steady = job.phase == Phase.ZO_STEP and not leased  # not loading, evaluating or projecting
-            if not cap or job.control != Control.RUN or not steady or used <= int(cap):
-                self.over_own_since.pop(job.id, None)
-                continue
-            since = self.over_own_since.setdefault(job.id, now)
-            if now - since >= self.cfg.pressure_grace_s:
-                self._fail(job, admission.over_own_budget(used, int(cap), now - since, job.id))
-
-    def _fail(self, job: Job, reason: str) -> None:
+    def fail(self, job: Job, reason: str) -> None:
         """Stop a running job at a step boundary and mark it failed with `reason`."""
         log.warning("job %s: failing: %s", job.id, reason)
         self.failing[job.id] = reason
-        self.over_own_since.pop(job.id, None)
+        self.scheduler.over_own_since.pop(job.id, None)
         job.control, job.reason = Control.STOP, f"failing: {reason}"
-        self._event(job, "fail", {"reason": reason})
-        self._save(job)
+        self.event(job, "fail", {"reason": reason})
+        self.save(job)
         self.workers.escalate_later(job.id)
 
-    def _pause(self, job: Job, why: str) -> None:
+    def pause(self, job: Job, why: str) -> None:
         job.control = Control.PAUSE
         job.pause_reason = why
-        self._event(job, "pause", {"reason": why})
-        self._save(job)
-
-    def _admit(self, now: float) -> None:
-        dt = datetime.fromtimestamp(now, timezone.utc)
-        candidates = []
-        for job in self.jobs.values():
-            if job.state not in (JobState.QUEUED, JobState.PAUSED):
-                continue
-            if job.not_before and now < job.not_before:
-                job.reason = f"waiting: starts at {datetime.fromtimestamp(job.not_before).isoformat(timespec='minutes')}"
-                continue
-            if job.window and not windows.in_window(job.window, dt):
-                opening, _ = windows.window_edges(job.window, dt)
-                when = f" (opens {opening.isoformat(timespec='minutes')})" if opening else ""
-                job.reason = f"waiting: outside its window '{job.window}'{when}"
-                continue
-            if self._wait_for_disk(job):  # before memory: a job that cannot start takes no one's room
-                continue
-            candidates.append(admission.Candidate(job.id, self._steady(job), job.queued_at, job.state == JobState.PAUSED))
-        if not candidates:
-            return
-        free = free_disk(self.jobs_dir)
-        if free < self.cfg.disk_reserve:  # a worker would fail on its first seed-log write
-            reason = (f"waiting for disk space: {mem.fmt_bytes(free)} free under {self.jobs_dir}, a job starts with "
-                      f"at least {mem.fmt_bytes(self.cfg.disk_reserve)} free")
-            for c in candidates:
-                job = self.jobs[c.job_id]
-                if job.reason != reason:
-                    job.reason = reason
-                    self._save(job)
-            return
-        dev = self.device
-        assert dev is not None
-        pend = self.pending() + sum(x.nbytes for x in self.leases.waiting())  # running jobs' heavy phases first
-        decisions = admission.admit(
-            candidates,
-            budget=self.budget,
-            committed=dev.usage + pend,
-            device_free=dev.free - pend,
-            now=now,
-            reserve=self.cfg.reserve,
-            max_wait_s=self.cfg.admit_max_wait_s,
-            max_jobs=self.cfg.max_jobs,
-            running=len(self._running()),
-        )
-        for d in decisions:
-            job = self.jobs[d.job_id]
-            if d.start and not self._wait_for_disk(job):  # again: the jobs started just now write too
-                self._start(job, now)
-            elif job.reason != d.reason:
-                job.reason = d.reason
-                self._save(job)
-
-    def _grant(self, now: float) -> None:
-        if self.device is None:
-            return
-        for lease in self.leases.grant(self.headroom(), now, self._usage):
-            job = self.jobs.get(lease.job_id)
-            if job:
-                self._event(job, "lease-granted", {"phase": lease.phase, "bytes": lease.nbytes,
-                                                   "waited_s": round(now - lease.requested, 3)})
+        self.event(job, "pause", {"reason": why})
+        self.save(job)
 
     # ------------------------------------------------------------------ workers
-    def _start(self, job: Job, now: float) -> None:
+    def start(self, job: Job, now: float) -> None:
         resumed = job.state == JobState.PAUSED
         job.state, job.control, job.reason, job.phase = JobState.RUNNING, Control.RUN, "", Phase.LOAD
         job.pause_reason = ""
@@ -782,14 +534,14 @@ class Daemon:
         job.attempts += 1
         self._phase_seq.pop(job.id, None)  # a new worker counts its statements from 0
         self._worker_phase.pop(job.id, None)
-        self._event(job, "admitted", {"need_bytes": self._steady(job), "resume": resumed,
-                                      "headroom_bytes": self.headroom()})
-        self._save(job)
+        self.event(job, "admitted", {"need_bytes": self.scheduler.steady(job), "resume": resumed,
+                                      "headroom_bytes": self.scheduler.headroom()})
+        self.save(job)
         self.workers.spawn(job)
 
     def _worker_started(self, job: Job, pid: int) -> None:
         job.pid = pid
-        self._save(job)
+        self.save(job)
 
     def _finish(self, job: Job, rc: int | None, error: str | None) -> None:
         now = time.time()
@@ -840,9 +592,9 @@ class Daemon:
             self.timers.forget(job.id)
             self.disk.forget(job.id)
         job.control, job.phase = Control.RUN, ""
-        self._event(job, "exit", {"code": rc, "state": job.state, "reason": job.reason,
+        self.event(job, "exit", {"code": rc, "state": job.state, "reason": job.reason,
                                   "failure": failure or None})
-        self._save(job)
+        self.save(job)
         log.info("job %s: worker exited %s -> %s %s", job.id, rc, job.state, job.reason)
         self.wake()
 
@@ -858,7 +610,7 @@ class Daemon:
         d = job.public()
         d.pop("spec")
         now = time.time()
-        d["need_bytes"] = self._steady(job)
+        d["need_bytes"] = self.scheduler.steady(job)
         d["leases"] = [lease.public(now) for lease in self.leases.of_job(job.id)]
         d["method"] = job.spec.get("method")
         d["model"] = job.spec.get("model")
@@ -866,33 +618,15 @@ class Daemon:
             d["reason"] = job.pause_reason if job.control == Control.PAUSE else job.reason
         if job.state == JobState.RUNNING and job.pid is None:
             d["phase"] = Phase.STARTING
-        peak, avg = self._running_summary(job)
+        peak, avg = self.accounts.running(job.id)
         d["mem_avg"] = avg
         d["mem_peak"] = max(job.mem_peak, peak)
         return d
 
-    def _running_summary(self, job: Job) -> tuple[int, int]:
-        """(peak, time-weighted avg) kept incrementally, so `status` never rescans the samples; the
-        same accumulator over the same samples as the report's `memory_summary`, so the two agree."""
-        acc = self._acc.get(job.id)
-        if acc is None:
-            acc = self._acc[job.id] = Accumulator()
-            for ts, nbytes, _ in self.store.samples(job.id) if self.store else []:
-                acc.add(ts, nbytes)
-        return int(acc.peak), int(round(acc.avg))
-
-    def _accumulate(self, job_id: str, now: float, used: int) -> None:
-        if job_id not in self._acc:  # a job from before a restart: start from its history
-            self._running_summary(self.jobs[job_id])
-        self._acc[job_id].add(now, used)
-
     def memory(self, job: Job) -> dict[str, Any]:
-        from .store import memory_summary
-
+        """The daemon's memory report for a job: every stored sample, by phase (the report's figures)."""
         assert self.store is not None
-        summary = memory_summary(self.store.samples(job.id))
-        summary["meter"] = f"daemon:{self.device.source if self.device else 'unknown'}"
-        return summary
+        return self.accounts.summary(job.id, f"daemon:{self.device.source if self.device else 'unknown'}")
 
     def device_view(self) -> dict[str, Any]:
         dev = self.device
@@ -909,13 +643,13 @@ class Daemon:
             "usage_bytes": dev.usage,
             "edgezo_bytes": dev.edgezo,
             "external_bytes": dev.external,
-            "pending_bytes": self.pending(),
-            "headroom_bytes": self.headroom(),
+            "pending_bytes": self.scheduler.pending(),
+            "headroom_bytes": self.scheduler.headroom(),
             "budget_applies_to": "sum of edgezo workers' RSS" if dev.source == "system" else "device used memory",
             "sampled_at": dev.ts,
             "leases_enabled": self.cfg.leases,
             "lease_policy": self.cfg.lease_policy,
-            "running": [{"job": j.id, "bytes": self._usage(j.id), "phase": j.phase} for j in self._running()],
+            "running": [{"job": j.id, "bytes": self.usage(j.id), "phase": j.phase} for j in self.running()],
             "leases": [lease.public(now) for lease in self.leases.leases.values()],
         }
 

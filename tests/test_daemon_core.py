@@ -97,43 +97,43 @@ def test_pressure_pauses_the_youngest_after_the_grace(core):
     old = _running(core, "old", 1.0)
     young = _running(core, "young", 2.0)
     core.device = _device(1200 * MiB)
-    core._relieve_pressure(100.0)
+    core.scheduler.relieve_pressure(100.0)
     assert old.control == young.control == "run"  # within the grace period
-    core._relieve_pressure(101.5)
+    core.scheduler.relieve_pressure(101.5)
     assert young.control == "pause" and old.control == "run"
     assert "memory pressure" in young.pause_reason
-    core._relieve_pressure(103.0)
+    core.scheduler.relieve_pressure(103.0)
     assert old.control == "run"  # one at a time
     core.device = _device(500 * MiB)
-    core._relieve_pressure(104.0)
-    assert core.over_since is None
+    core.scheduler.relieve_pressure(104.0)
+    assert core.scheduler.over_since is None
 
 
 def test_external_pressure_through_available_memory(core):
     core.cfg.reserve = 256 * MiB
     job = _running(core, "only", 1.0)
     core.device = _device(100 * MiB, free=100 * MiB)  # the system is nearly out of memory
-    core._relieve_pressure(10.0)
-    core._relieve_pressure(11.5)
+    core.scheduler.relieve_pressure(10.0)
+    core.scheduler.relieve_pressure(11.5)
     assert job.control == "pause"
 
 
 def test_window_closing_pauses_a_running_job(core):
     hour = time.localtime().tm_hour
     job = _running(core, "night", 1.0, window=f"* {(hour + 2) % 24} * * *")
-    core._enforce_windows(time.time())
+    core.scheduler.enforce_windows(time.time())
     assert job.control == "pause" and "outside its window" in job.pause_reason
 
 
 def test_admission_uses_declared_budget_and_measurement(core):
     core.device = _device(0)
     job = _running(core, "a", 1.0)
-    assert core._steady(job) == 300 * MiB
+    assert core.scheduler.steady(job) == 300 * MiB
     job.measured = 120 * MiB
-    assert core._steady(job) == 120 * MiB
+    assert core.scheduler.steady(job) == 120 * MiB
     job.spec["budget"] = 200 * MiB
-    assert core._steady(job) == 200 * MiB  # a declared allotment is kept even when it measures less
-    assert core.headroom() == 1000 * MiB - 200 * MiB
+    assert core.scheduler.steady(job) == 200 * MiB  # a declared allotment is kept even when it measures less
+    assert core.scheduler.headroom() == 1000 * MiB - 200 * MiB
 
 
 def test_recovery_marks_running_jobs_for_resume(tmp_path):
@@ -141,7 +141,7 @@ def test_recovery_marks_running_jobs_for_resume(tmp_path):
     d = Daemon(cfg)
     d.open()
     job = _running(d, "r", 1.0, pid=999999)
-    d._save(job)
+    d.save(job)
     d.store.close()
     fcntl.flock(d._lock_fd, fcntl.LOCK_UN)
     os.close(d._lock_fd)
@@ -180,12 +180,12 @@ def test_a_lease_deadlock_pauses_the_youngest_after_the_wait(core):
     core.device = _device(900 * MiB)
     for j in jobs:
         core.leases.request(j.id, "projection", 300 * MiB, now=0.0)
-    core._unblock_leases(100.0)
+    core.scheduler.unblock_leases(100.0)
     assert all(j.control == "run" for j in jobs)  # stuck, but not for long enough yet
-    core._unblock_leases(106.0)
+    core.scheduler.unblock_leases(106.0)
     assert jobs[2].control == "pause" and "lease deadlock" in jobs[2].pause_reason
     assert jobs[0].control == jobs[1].control == "run"
-    core._unblock_leases(200.0)
+    core.scheduler.unblock_leases(200.0)
     assert jobs[1].control == "run"  # one at a time: the paused one has not exited yet
 
 
@@ -201,15 +201,15 @@ def test_jobs_idle_at_their_last_lease_count_at_what_they_hold(core, steps_left)
     for j in jobs:
         core.device.jobs[j.id] = 280 * MiB
         core.leases.request(j.id, "projection", 150 * MiB, now=0.0)
-    core._grant(1.0)
-    core._unblock_leases(1.0)
-    core._unblock_leases(10.0)
+    core.scheduler.grant(1.0)
+    core.scheduler.unblock_leases(1.0)
+    core.scheduler.unblock_leases(10.0)
     granted = [x.job_id for x in core.leases.granted()]
     if steps_left:
         assert granted == [] and jobs[2].control == "pause" and "lease deadlock" in jobs[2].pause_reason
     else:
         assert len(granted) == 1 and all(j.control == "run" for j in jobs)
-        assert core.headroom() < 150 * MiB  # the grant is counted: a second one waits its turn
+        assert core.scheduler.headroom() < 150 * MiB  # the grant is counted: a second one waits its turn
 
 
 def test_waiting_leases_come_before_admitting_another_job(core):
@@ -222,11 +222,11 @@ def test_waiting_leases_come_before_admitting_another_job(core):
                  created=0.0, state="queued", estimate=300 * MiB, queued_at=0.0)
     core.jobs["q"] = queued
     started: list[str] = []
-    core._start = lambda job, now: started.append(job.id)
-    core._admit(10.0)
+    core.start = lambda job, now: started.append(job.id)
+    core.scheduler.admit(10.0)
     assert started == [] and queued.reason  # 400 used + 500 promised to a waiting phase + 300 > 1000
     core.leases.release("a", "projection")
-    core._admit(11.0)
+    core.scheduler.admit(11.0)
     assert started == ["q"]
 
 
@@ -241,8 +241,8 @@ def test_a_phase_that_cannot_fit_even_alone_fails_the_job_with_the_numbers(core)
     core.leases.request("big", "projection", 600 * MiB, now=0.0)
 
     async def decide() -> None:
-        core._unblock_leases(1.0)
-        core._unblock_leases(2.0)
+        core.scheduler.unblock_leases(1.0)
+        core.scheduler.unblock_leases(2.0)
         for t in list(core.workers.tasks):
             t.cancel()
 
@@ -286,22 +286,22 @@ def test_over_its_own_budget_outside_leases_fails_after_the_grace(core):
     job.spec["budget"] = 100 * MiB
     core.device = _device(150 * MiB)
     core.device.jobs["own"] = 150 * MiB
-    core._enforce_job_budgets(5.0)
-    core._enforce_job_budgets(9.0)
+    core.scheduler.enforce_job_budgets(5.0)
+    core.scheduler.enforce_job_budgets(9.0)
     assert job.control == "run"  # loading: transient
     job.phase = "zo_step"
     core.leases.request("own", "projection", 200 * MiB, now=0.0)
     core.leases.grant(10**12, 0.0, lambda j: 0)
-    core._enforce_job_budgets(10.0)
-    core._enforce_job_budgets(20.0)
+    core.scheduler.enforce_job_budgets(10.0)
+    core.scheduler.enforce_job_budgets(20.0)
     assert job.control == "run"  # inside a leased heavy phase: the device budget governs
 
     async def over() -> None:
         core.leases.release("own", "projection")
-        core._enforce_job_budgets(30.0)
-        core._enforce_job_budgets(30.5)
+        core.scheduler.enforce_job_budgets(30.0)
+        core.scheduler.enforce_job_budgets(30.5)
         assert job.control == "run"  # within the grace
-        core._enforce_job_budgets(31.5)
+        core.scheduler.enforce_job_budgets(31.5)
         for t in list(core.workers.tasks):
             t.cancel()
 
@@ -329,7 +329,7 @@ def test_a_stop_escalates_only_against_the_worker_it_was_meant_for(core):
     core.workers.procs.update({"a": old, "b": b_proc})
 
     async def go() -> None:
-        core._fail(a, "over its own budget")
+        core.fail(a, "over its own budget")
         core.cancel(b)
         core.workers.procs["a"] = new  # a was retried and restarted before its grace ran out
         await asyncio.sleep(0.1)
@@ -414,8 +414,8 @@ def test_status_and_report_give_the_same_peak_and_average_from_the_same_samples(
     view, report = core.job_view(job), core.memory(job)
     assert report["samples"] == 4
     assert (view["mem_peak"], view["mem_avg"]) == (report["peak_bytes"], report["avg_bytes"])
-    core._acc.clear()  # as after a daemon restart: rebuilt from the stored samples
-    assert core._running_summary(job) == (report["peak_bytes"], report["avg_bytes"])
+    core.accounts.forget_all()  # as after a daemon restart: rebuilt from the stored samples
+    assert core.accounts.running(job.id) == (report["peak_bytes"], report["avg_bytes"])
 
 
 @pytest.mark.parametrize("data, field", [

@@ -131,8 +131,8 @@ def test_a_queued_job_waits_for_disk_with_the_reason_and_others_start(core, tmp_
     core.jobs[big.id] = big
     small = core.enqueue({"name": "small", "batch_size": 1, "max_length": 32, "trainable": "lora"})
     started: list[str] = []
-    core._start = lambda job, now: started.append(job.id)
-    core._admit(1.0)
+    core.start = lambda job, now: started.append(job.id)
+    core.scheduler.admit(1.0)
     assert started == [small.id]
     assert big.state == "queued" and big.reason.startswith("waiting: needs ") and "free on" in big.reason
     assert any(e["kind"] == "disk-wait" for e in core.store.events(big.id, 0))
