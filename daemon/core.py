@@ -1,12 +1,14 @@
-"""The daemon: one asyncio loop that samples memory, admits jobs, grants leases and supervises workers.
+"""The daemon: its jobs and the actions on them, the asyncio loop, and the worker protocol.
 
-Shaped like ollama's scheduler: every decision happens in `tick()`, in a fixed order, from one
-snapshot of the device:
-
-    sample -> expire leases -> enforce windows -> relieve pressure -> admit -> grant leases
-
-The decisions themselves are pure functions in `policies/`; this module only gathers their inputs
-and carries out their answers (spawning, pausing, killing workers). It never imports torch.
+One loop samples the device every `sample_s`, then `tick()` has the scheduler (daemon/scheduler.py)
+take every decision from that one sample, in a fixed order; the decisions are pure functions in
+`policies/`. What this class keeps: the job table and the two records of each job (store and
+job.json), the job commands the API calls (enqueue, cancel, retry), what a worker says (events,
+heartbeats, leases) and what its exit means. Processes are daemon/supervisor.py's, start-up
+recovery daemon/recovery.py's, disk room daemon/diskroom.py's, memory figures daemon/accounting.py's.
+It never imports torch. It is longer than the other modules because the job table and its
+actions are one concept: every change of a job goes through `save` here, which is what makes a
+job's two records agree.
 """
 
 from __future__ import annotations
