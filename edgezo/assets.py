@@ -9,6 +9,7 @@ records (with sha256s) what is complete, so an interrupted fetch resumes and a f
 no-op. Nothing here ever talks to the Hugging Face hub.
 
 Importing this module stays cheap: torch and transformers are imported only by the converter.
+One module because fetching, converting and verifying share one manifest and its resume rules.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 Each command takes the argparse Namespace and returns an exit code. The client commands import
 only the socket client (no torch, no transformers), so they answer in a fraction of a second.
 `python -m edgezo.daemon_cli COMMAND ...` runs them without the main `edgezo` entry point.
+One module for the commands that talk to a daemon (each short), with their shared rendering.
 """
 
 from __future__ import annotations

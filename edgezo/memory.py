@@ -17,7 +17,8 @@ The meter therefore owns the process's peak counters: code that reads
 Averages are time-weighted with the **trapezoid rule** (edgezo/timeweighted.py, the one rule the
 daemon uses too), so a phase with only its two boundary readings averages them both.
 Torch is never imported here unless the meter measures a CUDA device (the worker
-already uses torch then); importing this module stays light.
+already uses torch then); importing this module stays light. One module: the sources, the
+sampler thread and the per-phase summary share the reset rules of the peak counters above.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 Torch-free on purpose: `edgezo enqueue` and the daemon validate specs without loading the engine,
 so a malformed spec is rejected at enqueue, naming the field, before any worker starts.
+Every field's rule is here, in one place, which is what makes it long.
 """
 
 from __future__ import annotations

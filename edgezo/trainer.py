@@ -4,6 +4,9 @@
 from the job's seed-log if there is one (resume), trains, evaluates, exports and writes
 `report.json`. The same function runs in the foreground (`edgezo run`) and inside a daemon worker;
 only the hooks differ.
+
+Its length is on purpose (nanoGPT's rule): setup, the loop, evals, snapshots and the report read in one
+sitting; the pieces it composes (methods, tasks, seed-log, meter, lease sizes) live in their own modules.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ table's noise drawn before them.
 Here each element's noise is a pure function of (key, element index), so one fused kernel reads θ,
 adds α·z and writes the result (no noise tensor), and any subset of elements (e.g. the looked-up rows
 of an embedding) is generated alone, bit-identical to the same elements of the full tensor.
+Long because the stream is a file-format contract: the kernels and their pure-torch reference sit
+side by side so that one can be checked against the other.
 
 The stream (a file-format-level contract: a seed log written with it replays only with it)
 ------------------------------------------------------------------------------------------
