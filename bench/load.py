@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgezo.client import Client  # noqa: E402
-from tests.daemon_harness import DaemonProc, synthetic_spec, wait_for  # noqa: E402
+from edgezo.testing.daemon import DaemonProc, synthetic_spec, wait_for  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -60,7 +60,7 @@ def model_dir(name: str, cache: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-    from tests.tiny import make_tokenizer
+    from edgezo.testing.tiny import make_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(out)

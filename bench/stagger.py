@@ -7,7 +7,7 @@ What it does:
 1. Builds a local HF model from a Llama config with random weights and eager attention (so the FO
    projection's backward keeps every layer's [batch, heads, seq, seq] attention probabilities: a
    heavy phase several hundred MiB above the steady ZO footprint at a small compute cost), with the
-   tiny BPE tokenizer of tests/tiny.py, and long synthetic reviews (every example fills max_length).
+   tiny BPE tokenizer of edgezo/testing/tiny.py, and long synthetic reviews (every example fills max_length).
 2. Calibrates: one job alone through a daemon with a generous budget. Its wall time x N is the
    sequential makespan; its report (memory.phases) gives the steady (zo_step) and heavy
    (projection) peaks. Budget (auto) = N x steady + 1.5 x (projection - steady): N steady jobs plus
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from edgezo.protocol import FINAL  # noqa: E402
-from tests.daemon_harness import DaemonProc, wait_for  # noqa: E402
+from edgezo.testing.daemon import DaemonProc, wait_for  # noqa: E402
 
 MiB = 2**20
 
@@ -57,7 +57,7 @@ def build_model(out: Path, *, hidden: int, heads: int, kv_heads: int, inter: int
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.tiny import make_tokenizer
+    from edgezo.testing.tiny import make_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(out)
@@ -74,7 +74,7 @@ def build_model(out: Path, *, hidden: int, heads: int, kv_heads: int, inter: int
 
 
 def write_long_reviews(path: Path, n: int, sentences: int, seed: int) -> Path:
-    from tests.tiny import review
+    from edgezo.testing.tiny import review
 
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)

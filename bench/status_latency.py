@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.daemon_harness import DaemonProc, wait_for  # noqa: E402
+from edgezo.testing.daemon import DaemonProc, wait_for  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -41,7 +41,7 @@ def main() -> int:
     try:
         d.start()
         if args.real:
-            from tests.tiny import make_model_dir, tiny_spec
+            from edgezo.testing.tiny import make_model_dir, tiny_spec
 
             tmp = Path(tempfile.mkdtemp(prefix="ezb"))
             model = make_model_dir(tmp / "model")

@@ -10,7 +10,7 @@ why (CUDA OOM, data, spec, ...). Every event and heartbeat states the worker's p
 (edgezo.protocol.PhaseTracker).
 
 Engines (env EDGEZO_ENGINE): "trainer" (default, `edgezo.trainer.run_job`), "synthetic" (test
-support, edgezo/synthetic.py: no model, for scheduler tests and benchmarks), or
+support, edgezo/testing/synthetic.py: no model, for scheduler tests and benchmarks), or
 "package.module:function" with run_job's signature.
 """
 
@@ -258,7 +258,7 @@ def load_engine(name: str | None = None):
 
         return run_job
     if name == "synthetic":  # test support: scheduler tests and benchmarks without a model
-        from edgezo.synthetic import synthetic_run_job
+        from edgezo.testing.synthetic import synthetic_run_job
 
         return synthetic_run_job
     module, _, func = name.partition(":")

@@ -14,13 +14,13 @@ if not Path("/dev/nvidiactl").exists():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from tests.tiny import make_model_dir
+    from edgezo.testing.tiny import make_model_dir
 
     return make_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture()
 def tiny_spec_dict(tiny_model_dir, tmp_path):
-    from tests.tiny import tiny_spec
+    from edgezo.testing.tiny import tiny_spec
 
     return tiny_spec(tiny_model_dir, tmp_path / "data")

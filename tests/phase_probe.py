@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from edgezo.client import Client
-from edgezo.synthetic import synthetic_run_job
+from edgezo.testing.synthetic import synthetic_run_job
 
 
 class _Probe:

@@ -56,7 +56,7 @@ def test_client_commands_stay_light():
 
 
 def test_status_answers_fast_against_a_real_daemon():
-    from tests.daemon_harness import DaemonProc
+    from edgezo.testing.daemon import DaemonProc
 
     d = DaemonProc().start()
     try:

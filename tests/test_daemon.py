@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.daemon_harness import DaemonProc, synthetic_spec, wait_for
+from edgezo.testing.daemon import DaemonProc, synthetic_spec, wait_for
 
 MiB = 2**20
 
@@ -201,7 +201,7 @@ def test_kill9_of_a_worker_is_retried_when_configured(daemon_factory):
 
 
 def test_worker_failure_reason_comes_from_failure_json(daemon_factory):
-    d = daemon_factory(engine="tests.daemon_harness:cuda_oom_engine").start()
+    d = daemon_factory(engine="edgezo.testing.daemon:cuda_oom_engine").start()
     job = d.enqueue(synthetic_spec("oom", steps=10))["id"]
     failed = d.wait_state(job, "failed", 20)
     assert failed["reason"].startswith("CUDA out of memory: OutOfMemoryError: CUDA out of memory. Tried to allocate")

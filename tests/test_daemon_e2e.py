@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import DaemonProc, wait_for
+from edgezo.testing.daemon import DaemonProc, wait_for
 
 try:
     import edgezo.trainer  # noqa: F401
@@ -27,14 +27,14 @@ pytestmark = pytest.mark.skipif(TRAINER_ERROR is not None, reason=TRAINER_ERROR 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tests.tiny import make_model_dir
+    from edgezo.testing.tiny import make_model_dir
 
     return make_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture
 def spec_for(model_dir, tmp_path):
-    from tests.tiny import tiny_spec
+    from edgezo.testing.tiny import tiny_spec
 
     def make(name: str, **overrides) -> dict:
         spec = tiny_spec(model_dir, tmp_path / "data", **overrides)

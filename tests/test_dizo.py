@@ -13,7 +13,7 @@ from edgezo.models import load
 from edgezo.perturb import Perturber, collect_params
 from edgezo.spec import load_spec
 from edgezo.tasks import make_task
-from tests.tiny import tiny_spec
+from edgezo.testing.tiny import tiny_spec
 
 
 def _setup(model_dir, tmp_path, projection="zo", device="cpu", **dizo):

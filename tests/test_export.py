@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from edgezo.cli import main as cli_main
+from edgezo.testing.tiny import make_gguf, make_model_dir, tiny_spec
 from edgezo.trainer import prepare_job_dir, run_job
-from tests.tiny import make_gguf, make_model_dir, tiny_spec
 
 F16_BOUND, Q8_BOUND = 2e-3, 3e-2
 PROMPTS = ["Review: a dull film , boring and bland .\nSentiment:", "Review: a lovely story , smart and funny ."]
@@ -241,7 +241,7 @@ def test_cli_refuses_bad_requests_clearly(tmp_path, tiny_gguf, capsys):
 
 
 def test_a_daemon_job_id_exports_like_its_directory(tmp_path, tiny_gguf):
-    from tests.daemon_harness import DaemonProc
+    from edgezo.testing.daemon import DaemonProc
 
     d = DaemonProc(None, engine=None).start()
     try:

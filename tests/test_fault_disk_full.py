@@ -15,7 +15,7 @@ import pytest
 
 from daemon.store import DiskFull, Store
 from edgezo.client import ApiError
-from tests.daemon_harness import DaemonProc, synthetic_spec, wait_for
+from edgezo.testing.daemon import DaemonProc, synthetic_spec, wait_for
 
 TOTAL = 400
 SMALL = {"trainable": "lora", "snapshot_every": 0}  # a job whose expected output (5 MiB) fits the 16 MiB disk

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.daemon_harness import DaemonProc, synthetic_spec, wait_for
+from edgezo.testing.daemon import DaemonProc, synthetic_spec, wait_for
 
 FAST = "step_s=0.02,heavy_every=1000,heavy_s=0.01"
 SEEDS = [0, 1, 2, 3, 4]

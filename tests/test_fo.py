@@ -1,4 +1,4 @@
-"""method: fo, the first-order baseline (AdamW through a backward), on the tiny model of tests/tiny.py."""
+"""method: fo, the first-order baseline (AdamW through a backward), on the tiny model of edgezo/testing/tiny.py."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from edgezo.data import read_rows
 from edgezo.hooks import TrainerHooks
 from edgezo.spec import SpecError, load_spec
 from edgezo.tasks import make_task
+from edgezo.testing.tiny import job_weights, same_tensors
 from edgezo.trainer import Paused, TrainingError, build_engine, prepare_job_dir, run_job
-from tests.tiny import job_weights, same_tensors
 
 FO_OPTIM = {"lr": 1e-2, "weight_decay": 0.01}
 

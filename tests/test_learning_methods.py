@@ -11,8 +11,8 @@ import torch
 from edgezo.hooks import TrainerHooks
 from edgezo.prefix import first_trainable_layer
 from edgezo.spec import SpecError, load_spec
+from edgezo.testing.tiny import PauseAt, job_weights, replayed, same_tensors
 from edgezo.trainer import EventLog, Paused, build_engine, prepare_job_dir, run_job, shared_prefix
-from tests.tiny import PauseAt, job_weights, replayed, same_tensors
 
 
 def _job(tmp_path, spec_dict, name="job", **overrides):

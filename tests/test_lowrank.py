@@ -21,6 +21,7 @@ from edgezo.noise import TorchNoise, add_noise_into, mix
 from edgezo.perturb import Perturber, collect_params
 from edgezo.spec import SpecError, load_spec, spec_hash
 from edgezo.tasks import make_task
+from edgezo.testing.tiny import PauseAt, job_weights, replayed, rewrite_log, same_tensors, tiny_spec
 from edgezo.trainer import (
     EventLog,
     Paused,
@@ -31,7 +32,6 @@ from edgezo.trainer import (
     shared_prefix,
 )
 from edgezo.zo import FZOO, MeZO, StepRecord, step_seed
-from tests.tiny import PauseAt, job_weights, replayed, rewrite_log, same_tensors, tiny_spec
 
 
 def _setup(model_dir, tmp_path, precision="fp32", trainable="full", rank=1):

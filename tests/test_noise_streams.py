@@ -16,8 +16,8 @@ from edgezo import seedlog
 from edgezo.cli import main as cli_main
 from edgezo.noise import make_noise
 from edgezo.spec import SpecError, load_spec
+from edgezo.testing.tiny import job_weights, rewrite_log, same_tensors
 from edgezo.trainer import TrainingError, build_engine, prepare_job_dir, run_job
-from tests.tiny import job_weights, rewrite_log, same_tensors
 
 try:
     import importlib.util

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from tests.daemon_harness import DaemonProc, synthetic_spec, wait_for
+from edgezo.testing.daemon import DaemonProc, synthetic_spec, wait_for
 
 
 def _digest(state_dir) -> dict[str, str]:

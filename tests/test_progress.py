@@ -6,7 +6,7 @@ import io
 import re
 
 from edgezo.progress import ProgressPrinter, eta_s, fmt_duration, progress_line
-from tests.daemon_harness import DaemonProc, synthetic_spec, wait_for
+from edgezo.testing.daemon import DaemonProc, synthetic_spec, wait_for
 
 PROGRESS = re.compile(r"(\d+)/(\d+)\s+loss (\d+\.\d+)\s+(\d+\.\d+) steps/s\s+ETA (\S+)")
 

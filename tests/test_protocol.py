@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from edgezo.protocol import PhaseTracker
-from tests.daemon_harness import DaemonProc, synthetic_spec
+from edgezo.testing.daemon import DaemonProc, synthetic_spec
 
 
 def test_the_daemon_shows_the_phase_the_worker_states_at_every_phase_boundary():

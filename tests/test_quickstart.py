@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.tiny import write_reviews
+from edgezo.testing.tiny import write_reviews
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ from edgezo import seedlog
 from edgezo.cli import main as cli_main
 from edgezo.report import render
 from edgezo.spec import SpecError, load_spec
+from edgezo.testing.tiny import PauseAt, job_weights, replayed, same_tensors
 from edgezo.trainer import Paused, prepare_job_dir, run_job
-from tests.tiny import PauseAt, job_weights, replayed, same_tensors
 
 NO_EVAL = {"eval_size": 0}
 EVERY_STEP = {"snapshot": {"replay_s": 1e-9}}  # any update takes longer: a snapshot after every step

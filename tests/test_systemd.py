@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon import sdnotify
-from tests.daemon_harness import DaemonProc, wait_for
+from edgezo.testing.daemon import DaemonProc, wait_for
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from edgezo.cli import main as cli_main
 from edgezo.spec import SpecError, load_spec
+from edgezo.testing.tiny import job_weights, same_tensors
 from edgezo.trainer import prepare_job_dir, run_job
-from tests.tiny import job_weights, same_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 

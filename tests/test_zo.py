@@ -12,8 +12,8 @@ from edgezo.noise import add_noise_into, noise_chunks
 from edgezo.perturb import Perturber, collect_params
 from edgezo.spec import load_spec
 from edgezo.tasks import make_task
+from edgezo.testing.tiny import tiny_spec
 from edgezo.zo import MeZO, StepRecord
-from tests.tiny import tiny_spec
 
 
 def _setup(model_dir, tmp_path, precision="fp32", trainable="full"):

@@ -20,7 +20,7 @@ import psutil
 
 from edgezo.client import Client
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the source checkout (tests/ engines such as tests.phase_probe)
 SYNTHETIC = "step_s=0.05,heavy_every=4,heavy_bytes=64MiB,heavy_s=0.3"
 
 
