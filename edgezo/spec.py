@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
         "template": "Review: {text}\nSentiment:",
         "labels": {"rotten": " negative", "fresh": " positive"},
         "objective": "loss",
+        "train_size": None,  # N: train on the first N rows of task.train only (epochs then repeat them)
     },
     "steps": 1000,
     "batch_size": 16,
@@ -368,6 +369,8 @@ def validate(given: dict) -> dict:
         if not isinstance(t["answer_field"], str) or not t["answer_field"]:
             raise SpecError("task.answer_field", "expected the name of the answer column")
     _choice(spec, "task.objective", ("loss", "f1", "accuracy"))
+    if t["train_size"] is not None:
+        _num(spec, "task.train_size", kind=int, lo=1)
     if spec["method"] == "fo":
         _validate_fo(spec, given)
 
@@ -426,11 +429,15 @@ def spec_hash(spec: dict) -> str:
     `noise` is left out: "auto" resolves per machine, and the seed-log header pins the stream used;
     `snapshot` (how many to keep, when replay costs too much) too: it never changes the weights.
     `optim.directions`/`optim.rank` count only for lowrank directions (rank means nothing to dense
-    ones), so a dense spec hashes as it did before those fields existed and older logs still resume."""
+    ones), so a dense spec hashes as it did before those fields existed and older logs still resume;
+    `task.train_size` counts only when set, for the same reason."""
     keep = {k: v for k, v in spec.items()
             if k not in ("name", "window", "budget", "output", "fsync_every", "noise", "snapshot")}
     optim = keep.get("optim")
     if isinstance(optim, dict) and optim.get("directions", "dense") == "dense":
         keep["optim"] = {k: v for k, v in optim.items() if k not in ("directions", "rank")}
+    task = keep.get("task")
+    if isinstance(task, dict) and task.get("train_size") is None:  # as before the field existed
+        keep["task"] = {k: v for k, v in task.items() if k != "train_size"}
     blob = json.dumps(keep, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()

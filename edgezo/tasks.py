@@ -19,7 +19,7 @@ from torch import nn
 from edgezo.data import DataError
 from edgezo.models import decoder_of, head_weight
 from edgezo.perturb import Perturber
-from edgezo.prefix import PrefixCache
+from edgezo.prefix import FeatureCache, PrefixCache
 
 
 @dataclass
@@ -66,18 +66,48 @@ class Task:
         self.decoder = decoder_of(model)
         self.head = head_weight(model)
         self.prefix: PrefixCache | None = None  # set by the trainer when the bottom of the net is frozen
+        self.features: FeatureCache | None = None  # set by the trainer when no block trains (top0)
         self._capture_next = False
+        self.recalled = False  # the last captured batch came from the feature cache: no forward ran
 
-    def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor, batch: list[Example] | None = None) -> torch.Tensor:
+        """The final hidden states; `batch` (training examples) lets a step reuse their kept features."""
         pc = self.prefix
         if pc is not None and self._capture_next:
             self._capture_next = False
+            fc, last = self.features, mask.sum(1) - 1
+            self.recalled = fc is not None and batch is not None and fc.has(batch)
+            if self.recalled:
+                pc.kept, pc.key = fc.recall(batch, (*ids.shape, self.decoder.config.hidden_size), last), ids.clone()
+                return self._on_kept(ids, mask)
             with pc.capturing(ids):
-                return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                out = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            if fc is not None and batch is not None and isinstance(pc.kept, torch.Tensor):
+                fc.remember(batch, pc.kept, last)
+            return out
         if pc is not None and pc.holds(ids):
-            with pc.replaying():
-                return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            return self._on_kept(ids, mask)
         return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def _on_kept(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The final hidden states from the prefix cache's kept output: the final norm alone when no
+        block trains, else the decoder with its frozen blocks answering from the cache."""
+        pc = self.prefix
+        if pc.top is not None:
+            return pc.top(pc.kept)
+        with pc.replaying():
+            return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    @torch.no_grad()
+    def warm_features(self, batch: list[Example]) -> None:
+        """Compute and keep the features of a batch's new examples, exactly as a step on it would."""
+        if self.features is None or self.prefix is None or self.features.has(batch):
+            return
+        self.prefix.clear()
+        self._capture_next = True
+        with self.perturber.inactive():
+            self.objective(batch)
+        self.prefix.clear()
 
     def step_objective(self, batch: list[Example]) -> StepObjective:
         return StepObjective(self, batch)
@@ -106,7 +136,7 @@ class StepObjective:
                     t.prefix.clear()
                     t._capture_next = True
                 self._base = t.objective(self.batch)
-            self.forwards += 1
+            self.forwards += 0 if t.recalled else 1  # recalled features: only the norm and the head ran
         return self._base
 
     def __call__(self) -> float:
@@ -164,7 +194,7 @@ class Classification(Task):
 
     def logits(self, batch: list[Example]) -> torch.Tensor:
         ids, mask = _pad([e.ids for e in batch], self.tok.pad_token_id, self.device)
-        h = self.hidden(ids, mask)
+        h = self.hidden(ids, mask, batch)
         last = mask.sum(1) - 1
         h_last = h[torch.arange(h.shape[0], device=h.device), last]
         rows = self.perturber.rows(self.head, self.verb_ids)

@@ -33,6 +33,7 @@ from edgezo.memory import MEMORY_LOG, MemoryLog, MemoryMeter, release_free_heap
 from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
 from edgezo.noise import NoiseUnavailable, ZOParam, make_noise, mix
 from edgezo.perturb import Perturber, collect_params
+from edgezo.prefix import FeatureCache
 from edgezo.protocol import Cancelled, Control, EdgezoError, Event, JobState, Paused, Phase
 from edgezo.report import accuracy_gain
 from edgezo.snapshots import SNAPSHOT_DIR, SnapshotClock, fsync_dir, keep_count, prune
@@ -354,7 +355,7 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
                              engine.device)
             train_path = data_path(spec["task"]["train"], "train")
             eval_path = data_path(spec["task"]["eval"], "eval")
-            train_rows = read_rows(train_path, "task.train")
+            train_rows = read_rows(train_path, "task.train")[: spec["task"]["train_size"]]  # None: every row
             eval_rows = read_rows(eval_path, "task.eval")
             # every update from here on is timed, a resume's replay included: it is what a replay redoes
             engine.clock = SnapshotClock.from_spec(spec, torch.cuda.synchronize if engine.device.type == "cuda" else None)
@@ -365,6 +366,8 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
             first = [train[i] for i in bucketed_batch([len(e.ids) for e in train], spec["batch_size"], 0, spec["seed"])]
             if getattr(engine.method, "replayable", True):  # fo runs one forward a step: nothing to share
                 task.prefix = shared_prefix(engine, task, first, events)
+                if task.prefix is not None and task.prefix.cut == task.prefix.blocks and spec["task"]["type"] == "classification":
+                    task.features = FeatureCache()  # no block trains: an example seen once needs no forward again
             evalset = task.encode(eval_rows[: spec["eval_size"]], str(eval_path)) if spec["eval_size"] else []
             log_path = job_dir / "seedlog.ezl"
             (job_dir / SNAPSHOT_DIR).mkdir(exist_ok=True)
@@ -458,6 +461,10 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
             while not hooks.try_lease(Phase.FO_STEP, fo_bytes):
                 _wait_for_lease(hooks, writer, events, step)
             fo_leased = True
+        if task.features is not None and start:  # the features the skipped steps kept, recomputed in order
+            with meter.phase(Phase.LOAD):
+                for s in range(start):
+                    task.warm_features([train[i] for i in bucketed_batch(lengths, bs, s, spec["seed"])])
         while step < total:
             if _obey(hooks, writer, events, step) == Control.FINISH:
                 break

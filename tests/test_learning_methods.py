@@ -170,3 +170,48 @@ def test_a_real_run_reports_its_gain(tmp_path, tiny_spec_dict):
     zs, final = report["metrics"]["zero_shot"], report["metrics"]["final"]
     assert g["n"] == 16 and g["points"] == pytest.approx(100 * (final["accuracy"] - zs["accuracy"]))
     assert "correct" not in report["metrics"]["history"][0]
+
+
+# -- the feature cache (no block trains) ---------------------------------------------------------------
+
+FEATURES = dict(method="fzoo", trainable="top0", steps=20, eval_size=0, snapshot_every=0, batch_size=4,
+                optim={"lr": 0.5, "eps": 1e-3, "perturbations": 8}, task_train_size=16)
+
+
+def _feature_job(tmp_path, spec_dict, name):
+    kw = {k: v for k, v in FEATURES.items() if k != "task_train_size"}
+    spec = {**spec_dict, **kw, "task": {**spec_dict["task"], "train_size": FEATURES["task_train_size"]}}
+    return _job(tmp_path, spec, name=name)
+
+
+def test_with_no_block_trainable_an_example_seen_before_costs_no_forward(tmp_path, tiny_spec_dict):
+    """train_size 16 at batch 4 is 4 batches an epoch: the first epoch runs one full forward a step,
+    every later step reuses the kept features (0 full forwards), and the loss still goes down."""
+    job = _feature_job(tmp_path, tiny_spec_dict, "job")
+    run_job(job)
+    steps = _events(job, "step")
+    assert [s["forwards"] for s in steps[:4]] == [1.0] * 4
+    assert all(s["forwards"] == 0.0 for s in steps[4:]), [s["forwards"] for s in steps]
+    assert sum(s["loss"] for s in steps[-4:]) < sum(s["loss"] for s in steps[:4])
+
+
+def test_feature_cache_resume_equals_an_uninterrupted_run_and_replay(tmp_path, tiny_spec_dict):
+    """A resumed job recomputes the batches of the steps it skipped and keeps the same bits, so it
+    equals the uninterrupted run; replay of either seed-log gives the same weights."""
+    ref = _feature_job(tmp_path, tiny_spec_dict, "ref")
+    run_job(ref)
+    job = _feature_job(tmp_path, tiny_spec_dict, "paused")
+    with pytest.raises(Paused):
+        run_job(job, PauseAt(11))
+    run_job(job)
+    assert same_tensors(job_weights(ref), job_weights(job))
+    assert same_tensors(job_weights(ref), replayed(tmp_path, job))
+    again = _feature_job(tmp_path, tiny_spec_dict, "again")
+    run_job(again)
+    assert [s["loss"] for s in _events(again, "step")] == [s["loss"] for s in _events(ref, "step")]
+
+
+def test_train_size_must_be_a_positive_integer(tiny_spec_dict):
+    for bad in (0, -3, 2.5, "many"):
+        with pytest.raises(SpecError, match="task.train_size"):
+            load_spec({**tiny_spec_dict, "task": {**tiny_spec_dict["task"], "train_size": bad}})
