@@ -367,7 +367,7 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
             if getattr(engine.method, "replayable", True):  # fo runs one forward a step: nothing to share
                 task.prefix = shared_prefix(engine, task, first, events)
                 if task.prefix is not None and task.prefix.cut == task.prefix.blocks and spec["task"]["type"] == "classification":
-                    task.features = FeatureCache()  # no block trains: an example seen once needs no forward again
+                    task.features = FeatureCache(len(train))  # no block trains: a sentence seen once needs no forward again
             evalset = task.encode(eval_rows[: spec["eval_size"]], str(eval_path)) if spec["eval_size"] else []
             log_path = job_dir / "seedlog.ezl"
             (job_dir / SNAPSHOT_DIR).mkdir(exist_ok=True)
