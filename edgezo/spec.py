@@ -21,7 +21,7 @@ from edgezo.jobdir import JOB_FILES, SPEC
 from edgezo.protocol import EdgezoError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-METHODS = ("mezo", "dizo", "fzoo", "fo")  # fo: the first-order baseline (AdamW, backprop)
+METHODS = ("mezo", "dizo", "fzoo", "kerzoo", "fo")  # fo: the first-order baseline (AdamW, backprop)
 TASK_TYPES = ("classification", "generation")
 SCHEDULES = ("constant", "linear")
 DEVICES = ("auto", "cpu", "cuda")

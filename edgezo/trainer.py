@@ -114,6 +114,10 @@ def build_engine(spec: dict) -> Engine:
             method: ZOMethod = DiZO(params, perturber, dizo=spec["dizo"], model_path=path, model=model, **common)
         except ValueError as e:
             raise TrainingError(str(e)) from None
+    elif spec["method"] == "kerzoo":
+        from edgezo.kerzoo import KerZOO
+
+        method = KerZOO(params, perturber, **common)
     else:
         method = METHODS[spec["method"]](params, perturber, **common)
     engine = Engine(spec, device, model, tok, path, params, perturber, method)
