@@ -29,7 +29,7 @@ NOISE = ("auto", "torch", "philox")
 DIRECTIONS = ("dense", "lowrank")  # edgezo/lowrank.py (kept here too: this module stays torch-free)
 TRAINABLE_SETS = ("full", "lora", "scales")  # or topK (the last K blocks and the final norm), or name patterns
 DEFAULT_SPEC = Path(__file__).with_name("default_spec.yaml")  # the packaged default job (`default`)
-PATH_FIELDS = ("model", "task.train", "task.eval")  # local paths, or "default" for the packaged assets
+PATH_FIELDS = ("model", "task.train", "task.eval", "from_log")  # local paths ("default": the packaged assets)
 
 
 def spec_paths(spec: dict) -> list[tuple[str, str]]:
@@ -99,6 +99,9 @@ DEFAULTS: dict[str, Any] = {
     "snapshot_every": None,
     "snapshot": {"keep": 1, "replay_s": 60.0},  # keep: the newest N survive (older ones are deleted)
     "fsync_every": 1,
+    # A seed-log (a federation's merged log, edgezo/fleet) replayed onto the base model before step 0:
+    # the job starts from those weights. Its sha256 is pinned in the job's own log header.
+    "from_log": None,
 }
 
 KNOWN_TOP = set(DEFAULTS)
@@ -272,6 +275,23 @@ def _validate_fo(spec: dict, given: dict) -> None:
                         f"{spec['task']['objective']} has no gradient (use objective: loss)")
 
 
+def _validate_from_log(spec: dict, given: dict) -> None:
+    """from_log: start from a replayed seed-log. Only methods whose records redo their update alone fit,
+    and the guard is off: a rollback rebuilds from the base model, which would drop the log's steps."""
+    if not isinstance(spec["from_log"], str) or not spec["from_log"].strip():
+        raise SpecError("from_log", f"expected the path of a seed-log file, got {spec['from_log']!r}")
+    if spec["method"] in ("fo", "dizo"):
+        raise SpecError("from_log", f"method: {spec['method']} cannot start from a log: its steps are not redone "
+                        "from step records alone (use mezo, fzoo or kerzoo)")
+    if spec["trainable"] == "lora":
+        raise SpecError("from_log", "trainable: lora draws its adapters from the job's seed, so another job's log "
+                        "would be replayed onto different adapters; use full, topK or module names")
+    if (given.get("guard") or {}).get("rise"):
+        raise SpecError("guard.rise", "the divergence guard rolls back by rebuilding from the base model, which "
+                        "would drop the steps of from_log; leave guard out (it is off with from_log)")
+    spec["guard"]["rise"] = 0.0
+
+
 def validate(given: dict) -> dict:
     """Return the full spec (defaults filled in) or raise SpecError naming the first bad field."""
     if not isinstance(given, dict):
@@ -373,6 +393,8 @@ def validate(given: dict) -> dict:
         _num(spec, "task.train_size", kind=int, lo=1)
     if spec["method"] == "fo":
         _validate_fo(spec, given)
+    if spec["from_log"] is not None:
+        _validate_from_log(spec, given)
 
     _num(spec, "steps", kind=int, lo=0, hi=10**9)  # 0: evaluate only
     _num(spec, "batch_size", kind=int, lo=1)
@@ -439,5 +461,7 @@ def spec_hash(spec: dict) -> str:
     task = keep.get("task")
     if isinstance(task, dict) and task.get("train_size") is None:  # as before the field existed
         keep["task"] = {k: v for k, v in task.items() if k != "train_size"}
+    if keep.get("from_log") is None:  # as before the field existed
+        keep.pop("from_log", None)
     blob = json.dumps(keep, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -61,6 +61,7 @@ class Engine:
     guard: DivergenceGuard | None = None
     base: object | None = None  # the trainable tensors' starting values (dizo.Theta0), for rollbacks
     clock: SnapshotClock | None = None  # what a replay since the last snapshot would redo (run_job sets it)
+    from_log: str | None = None  # sha256 of spec.from_log, replayed onto the base before step 0
 
 
 def build_engine(spec: dict) -> Engine:
@@ -127,6 +128,10 @@ def build_engine(spec: dict) -> Engine:
 
         engine.guard = DivergenceGuard(rise=g["rise"], span=g["span"], lr_factor=g["lr_factor"])
         engine.base = Theta0(path, params)  # read before any resume touches the weights
+    if spec.get("from_log"):  # start from a (federation's) seed-log: replayed here, so run, resume and replay agree
+        from edgezo.fleet.replay import apply_log
+
+        engine.from_log = apply_log(engine, Path(spec["from_log"]))
     return engine
 
 
@@ -143,6 +148,7 @@ def log_header(engine: Engine) -> dict:
         "torch": torch.__version__,
         "params": [[p.name, list(p.param.shape)] for p in engine.params],
         "created": time.time(),
+        **({"from_log_sha256": engine.from_log} if engine.from_log else {}),
     }
 
 
@@ -159,10 +165,10 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
                             f"{say(mine['directions'], mine['rank'])} (optim.directions/optim.rank, which the "
                             "spec hash covers too): the same seeds would give different directions; refusing "
                             "to resume onto it")
-    for key in ("spec_hash", "base_model_hash", "dtype"):
-        if header.get(key) != mine[key]:
+    for key in ("spec_hash", "base_model_hash", "dtype", "from_log_sha256"):
+        if header.get(key) != mine.get(key):
             raise TrainingError(f"seed-log {log_path} was written for a different {key.replace('_', ' ')} "
-                                f"({header.get(key)} != {mine[key]}); refusing to resume onto it")
+                                f"({header.get(key)} != {mine.get(key)}); refusing to resume onto it")
     if header.get("method") == "fo":
         return _restore_fo(engine, log_path, use_snapshots=use_snapshots)
     logged = header.get("noise", "torch")  # logs from before there was a choice used the torch stream
