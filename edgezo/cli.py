@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quickstart)
 
     daemon_cli.add_commands(sub)
+    from edgezo.fleet.cli import add_commands as add_fleet_commands
+
+    add_fleet_commands(sub)
     return p
 
 
