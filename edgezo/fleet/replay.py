@@ -46,7 +46,7 @@ def apply_log(engine, path: Path) -> str:
         except NoiseUnavailable as e:
             raise TrainingError(f"from_log {path} was written with the {header.get('noise')} noise stream, and "
                                 f"{e}") from None
-    live = seedlog.effective(frames)
+    live = [f for f in seedlog.effective(frames) if f.kind != seedlog.SNAPSHOT]  # pointers only: replay all
     odd = [f for f in live if f.kind != seedlog.STEP]
     if odd or any(f.data.get("replayable") is False for f in live):
         raise TrainingError(f"from_log {path} holds records other than ZO steps (a DiZO projection or a "
