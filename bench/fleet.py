@@ -145,7 +145,7 @@ def main() -> int:
              f"| download, later rounds and final ({rounds[-1]['records']} merged records) | {fmt(mean(down_later))} | |",
              f"| full weights (FedAvg of full fine-tuning, each way) | {fmt(full)} | {full / per_round:,.0f}x |",
              f"| LoRA r8 q/v adapter (each way) | {fmt(lora)} | {lora / per_round:,.0f}x |",
-             f"| the trained set itself ({header['params'][0][0].split('.')[0]}..., {len(header['params'])} tensors) "
+             f"| the trained set itself ({spec['trainable']}: {len(header['params'])} tensors) "
              f"| {fmt(trained)} | {trained / per_round:,.0f}x |"]
     print("\n".join(lines), flush=True)
     if args.skip_baselines:

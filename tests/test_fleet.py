@@ -105,6 +105,20 @@ def test_a_job_started_from_a_log_replays_to_its_output(tiny_spec_dict, tmp_path
         run_job(tmp_path / "b")
 
 
+def test_the_server_refuses_to_federate_what_records_cannot_carry(tiny_spec_dict, tmp_path):
+    from edgezo.fleet.server_app import fleet_spec
+
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(tiny_spec_dict))
+    spec = fleet_spec({"spec": str(path), "set": "optim.lr=0.01;noise=auto", "seed": 3})
+    assert (spec["steps"], spec["seed"], spec["noise"], spec["guard"]["rise"]) == (0, 3, "torch", 0.0)
+    for sets, message in (("method=dizo", "method: dizo cannot be federated"),
+                          ("method=fo", "method: fo cannot be federated"),
+                          ("trainable=lora", "trainable: lora draws its adapters")):
+        with pytest.raises(R.RecordError, match=message):
+            fleet_spec({"spec": str(path), "set": sets})
+
+
 # -- end to end ------------------------------------------------------------------------------------
 
 def _wait(pred, timeout, what):

@@ -36,16 +36,18 @@ class DeviceConfig:
     train: str  # its private data (task.train of its round jobs)
     eval: str  # its evaluation data
     budget: str | None = None  # per-job budget for its round jobs (the daemon's own budget applies anyway)
+    model: str | None = None  # where this device keeps the base model (default: the spec's; the hash must match)
 
     @classmethod
     def from_node_config(cls, cfg: dict) -> DeviceConfig:
         missing = [k for k in ("device", "state-dir", "train") if not cfg.get(k)]
         if missing:
             raise FleetError(f"SuperNode --node-config lacks {missing[0]}= (needs device=, state-dir=, train=; "
-                             "optional eval=, socket=, budget=)")
+                             "optional eval=, socket=, budget=, model=)")
         return cls(name=str(cfg["device"]), state_dir=Path(str(cfg["state-dir"])),
                    socket=str(cfg["socket"]) if cfg.get("socket") else None, train=str(cfg["train"]),
-                   eval=str(cfg.get("eval") or cfg["train"]), budget=str(cfg["budget"]) if cfg.get("budget") else None)
+                   eval=str(cfg.get("eval") or cfg["train"]), budget=str(cfg["budget"]) if cfg.get("budget") else None,
+                   model=str(cfg["model"]) if cfg.get("model") else None)
 
 
 class Device:
@@ -94,6 +96,8 @@ class Device:
         spec = {**spec, "name": name, "output": name, "seed": seed, "steps": steps, "from_log": from_log,
                 "eval_every": 0, "eval_size": eval_size, "budget": self.cfg.budget,
                 "task": {**spec["task"], "train": self.cfg.train, "eval": self.cfg.eval}}
+        if self.cfg.model:
+            spec["model"] = self.cfg.model
         return spec
 
     def run_job(self, spec: dict, timeout: float | None = None) -> dict:
@@ -101,6 +105,10 @@ class Device:
         from edgezo.client import Client
 
         client = Client(self.cfg.socket, timeout=30)
+        for old in client.jobs()["jobs"]:  # a round job left running by a restart: its round is over
+            if old["name"].startswith("fleet-") and old["state"] not in (JobState.DONE, JobState.FAILED,
+                                                                       JobState.CANCELLED):
+                client.cancel(old["id"])
         job = client.enqueue(spec)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

@@ -134,11 +134,13 @@ class LocalFleet:
     CONNECTION = "edgezo-local"
 
     def __init__(self, root: Path, shards: list[Path], evals: list[Path] | None = None, *, budget: str = "2GiB",
-                 daemon_args: tuple[str, ...] = (), env: dict | None = None):
+                 daemon_args: tuple[str, ...] = (), env: dict | None = None,
+                 node_config: dict[int, dict] | None = None):
         self.root = Path(root)
         self.shards = [Path(s) for s in shards]
         self.evals = [Path(e) for e in (evals or shards)]
         self.budget, self.daemon_args = budget, tuple(daemon_args)
+        self.node_config = node_config or {}  # extra --node-config entries per device index (e.g. model=)
         self.sock_dir = Path(tempfile.mkdtemp(prefix="ezf", dir="/tmp"))  # AF_UNIX paths: at most 107 bytes
         self.env = dict(os.environ)
         self.env.update({"FLWR_HOME": str(self.root / "flwr-home"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
@@ -210,6 +212,7 @@ class LocalFleet:
         d = self.device_dir(i)
         node_config = (f"device='dev-{i}' state-dir='{d / 'fleet'}' socket='{self.socket(i)}' "
                        f"train='{self.shards[i]}' eval='{self.evals[i]}'")
+        node_config += "".join(f" {k}='{v}'" for k, v in self.node_config.get(i, {}).items())
         proc = self._spawn(f"supernode-{i}", [
             "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
             "--node-config", node_config])
@@ -234,19 +237,39 @@ class LocalFleet:
     def run(self, config: dict, timeout: float = 1800.0) -> dict:
         """`flwr run` the edgezo app with `config`; returns summary.json (flwr run's exit code says
         nothing about the ServerApp: it is 0 even when the ServerApp raised)."""
+        return self.wait(self.run_async(config), timeout)
+
+    def run_async(self, config: dict) -> tuple[subprocess.Popen, Path]:
         config = {"out-dir": str(self.root / "server"), "min-devices": len(self.shards), **config}
         app = write_app(self.root / "app", config)
-        log = self.root / "logs" / "flwr-run.log"
-        with open(log, "ab") as f:
-            subprocess.run(["flwr", "run", str(app), self.CONNECTION, "--stream"], stdout=f, stderr=subprocess.STDOUT,
-                           env=self.env, cwd=str(self.root), timeout=timeout, check=False)
-        return self.summary(config["out-dir"], log)
+        with open(self.root / "logs" / "flwr-run.log", "ab") as f:
+            p = subprocess.Popen(["flwr", "run", str(app), self.CONNECTION, "--stream"], stdout=f,
+                                 stderr=subprocess.STDOUT, env=self.env, cwd=str(self.root), start_new_session=True)
+        return p, Path(config["out-dir"]) / "summary.json"
 
-    def summary(self, out_dir: str, log: Path) -> dict:
-        path = Path(out_dir) / "summary.json"
-        if not path.exists():
-            raise RuntimeError(f"the ServerApp wrote no summary.json; flwr run said:\n{_tail(log)}")
-        return json.loads(path.read_text())
+    def wait(self, run: tuple[subprocess.Popen, Path], timeout: float = 1800.0) -> dict:
+        """The summary once the ServerApp has written its last one (done or error). `flwr run --stream`
+        may outlive the run by a few seconds while it drains logs; it is stopped once the summary is in."""
+        proc, path = run
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, ValueError):
+                summary = {}
+            if summary.get("status") in ("done", "error"):
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(10)
+                return summary
+            if proc.poll() is not None and not summary:
+                raise RuntimeError("flwr run ended and the ServerApp wrote no summary.json; flwr run said:\n"
+                                   + _tail(self.root / "logs" / "flwr-run.log"))
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        raise RuntimeError(f"the federation did not finish within {timeout:.0f} s; see {self.root / 'logs'}")
 
     def stop(self) -> None:
         procs = [p for p in (*self.supernodes, self.superlink, *self.daemons) if p is not None]

@@ -97,11 +97,11 @@ class Federation:
         self.expected_hash = str(cfg.get("base-model-hash", "") or "") or None
         self.nodes: dict[int, Node] = {}
         self.summary: dict = {"spec": self.spec, "rounds_total": self.rounds, "steps_per_round": self.steps,
-                              "rounds": [], "devices": {}, "log": str(self.log.dir), "status": "running"}
+                              "rounds": [], "devices": [], "log": str(self.log.dir), "status": "running"}
 
     def save(self) -> None:
-        self.summary["devices"] = {n.device or str(n.node_id): {"node_id": n.node_id, "dropped": n.dropped,
-                                                                "known": n.known} for n in self.nodes.values()}
+        self.summary["devices"] = [{"device": n.device, "node_id": n.node_id, "dropped": n.dropped, "known": n.known,
+                                    "rounds": n.rounds} for n in self.nodes.values()]
         write_json_atomic(self.out / "summary.json", self.summary)
 
     def wait_for_nodes(self) -> None:
@@ -168,7 +168,8 @@ class Federation:
                 names[who] = node.node_id
                 if c.get("header"):
                     headers[who] = json.loads(c["header"])
-                    node.sent_header = True
+                elif not node.sent_header:
+                    raise rec_mod.RecordError("no seed-log header (the device must send it until it is accepted)")
                 records = rec_mod.decode(c["records"])
                 seeds = rec_mod.round_seeds(rec_mod.round_seed(self.seed, rnd, who), self.steps,
                                             self.spec["optim"]["perturbations"])
@@ -183,6 +184,9 @@ class Federation:
                 left_out.append({"device": who, "reason": reason})
                 log.warning("round %d: leaving out %s: %s", rnd, who, reason)
         self._check_headers(accepted, headers, left_out, rnd)
+        for node in nodes:
+            if node.device in accepted and node.device in headers:
+                node.sent_header = True  # accepted: later rounds carry records only
         for who in list(info):
             if who not in accepted:
                 info.pop(who)
