@@ -59,6 +59,10 @@ RECIPES: dict[str, list[str]] = {
     # kerzoo 1e-4/1e-3/1e-2: 79.8/79.0/78.0 % -- neither moves beyond the interval in 2 minutes
     "mezo-top1": ["method=mezo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=4"],
     "kerzoo-top1": ["method=kerzoo", "trainable=top1", "optim.lr=1e-4", "optim.eps=1e-3", "optim.perturbations=4"],
+    # HiZOO (3 losses a direction, H in fp32: 4 bytes per trainable number) and PseuZO (1 + q forwards,
+    # a window of 8 past steps) on the same set and 4 directions; lr by the same --sweep: SWEEP_HP
+    "hizoo-top1": ["method=hizoo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=4"],
+    "pseuzo-top1": ["method=pseuzo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=4"],
     "fzoo-top1": ["method=fzoo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=16"],
     "fzoo-top2": ["method=fzoo", "trainable=top2", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=16"],
     "fzoo-top0": ["method=fzoo", "trainable=top0", "optim.lr=1", "optim.eps=1e-3", "optim.perturbations=128",

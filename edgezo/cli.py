@@ -141,6 +141,43 @@ def cmd_report(args: argparse.Namespace) -> int:
     return daemon_cli.remote_report(args.job, args.json, args.plot, socket=args.socket, state_dir=args.state_dir)
 
 
+def _int_list(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return sorted(set(out))
+
+
+def _positive(value: str) -> int:
+    n = _int_list(value)
+    if len(n) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {value!r}")
+    return n[0]
+
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    from edgezo import kernel
+
+    base = _load_spec(args.spec, args.set)
+    rows = []
+    for trainable in args.trainable.split(",") if args.trainable else [base["trainable"]]:
+        spec = _load_spec(args.spec, [*(args.set or []), f"trainable={trainable}"])
+        print(f"measuring {spec['model']} trainable={trainable}: {args.examples} sentences, q up to "
+              f"{max(args.perturbations)}, {args.trials} trials ...", file=sys.stderr, flush=True)
+        rows += kernel.measure(spec, args.perturbations, examples=args.examples, trials=args.trials)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        print(kernel.table(rows))
+    if args.plot:
+        kernel.plot(rows, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The main job, as a user runs it: a user-mode daemon, the default job enqueued and followed."""
     import subprocess
@@ -270,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--state-dir", help="with a job id and no daemon running: the state directory to read "
                      "(default: the user-mode one, then /var/lib/edgezo)")
     rep.set_defaults(func=cmd_report)
+
+    k = sub.add_parser("kernel", help="ZO-eNTK fidelity: how far q random directions see the model's exact eNTK "
+                       "on a few train sentences (how many perturbations a model/task needs)")
+    k.add_argument("spec", help="spec file, or 'default'")
+    k.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec field (repeatable)")
+    k.add_argument("--perturbations", type=_int_list, default=[1, 4, 16, 64], metavar="Q,Q,...",
+                   help="numbers of directions to compare (default 1,4,16,64)")
+    k.add_argument("--trainable", metavar="SET,SET,...", help="trainable sets to compare (default: the spec's)")
+    k.add_argument("--examples", type=_positive, default=8, help="train sentences (outputs = sentences x labels)")
+    k.add_argument("--trials", type=_positive, default=3, help="independent draws of directions to average over")
+    k.add_argument("--plot", metavar="PNG", help="error against q, a line per trainable set")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_kernel)
 
     q = sub.add_parser("quickstart", help="start a user-mode daemon, run the default job on it with a progress line, "
                        "print its report and plots")

@@ -21,7 +21,7 @@ from edgezo.jobdir import JOB_FILES, SPEC
 from edgezo.protocol import EdgezoError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-METHODS = ("mezo", "dizo", "fzoo", "kerzoo", "fo")  # fo: the first-order baseline (AdamW, backprop)
+METHODS = ("mezo", "dizo", "fzoo", "kerzoo", "hizoo", "pseuzo", "fo")  # fo: the first-order baseline (AdamW, backprop)
 TASK_TYPES = ("classification", "generation")
 SCHEDULES = ("constant", "linear")
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,6 +67,8 @@ DEFAULTS: dict[str, Any] = {
         "fo_lr": 0.01,
         "checkpointing": False,
     },
+    "hizoo": {"smooth": 1.0e-6},  # α of HiZOO's curvature average (edgezo/hizoo.py)
+    "pseuzo": {"window": 8, "beta": 0.9},  # PseuZO's sliding window (steps) and EMA factor (edgezo/pseuzo.py)
     # The divergence guard (edgezo/guard.py): when the loss's moving average over `span` steps rises
     # `rise` (relative) above its best, roll back to that best step and multiply lr by lr_factor.
     "guard": {"rise": 0.25, "span": 40, "lr_factor": 0.5},
@@ -280,9 +282,10 @@ def _validate_from_log(spec: dict, given: dict) -> None:
     and the guard is off: a rollback rebuilds from the base model, which would drop the log's steps."""
     if not isinstance(spec["from_log"], str) or not spec["from_log"].strip():
         raise SpecError("from_log", f"expected the path of a seed-log file, got {spec['from_log']!r}")
-    if spec["method"] in ("fo", "dizo"):
+    if spec["method"] in ("fo", "dizo", "hizoo", "pseuzo"):
         raise SpecError("from_log", f"method: {spec['method']} cannot start from a log: its steps are not redone "
-                        "from step records alone (use mezo, fzoo or kerzoo)")
+                        "from step records alone, or it carries state (H, a window) a log's start would not "
+                        "hand over (use mezo, fzoo or kerzoo)")
     if spec["trainable"] == "lora":
         raise SpecError("from_log", "trainable: lora draws its adapters from the job's seed, so another job's log "
                         "would be replayed onto different adapters; use full, topK or module names")
@@ -292,6 +295,23 @@ def _validate_from_log(spec: dict, given: dict) -> None:
     spec["guard"]["rise"] = 0.0
 
 
+def _validate_hizoo_pseuzo(spec: dict) -> None:
+    """HiZOO preconditions each element of z; PseuZO differentiates the loss in the label logits."""
+    _num(spec, "hizoo.smooth", lo=0.0, hi=1.0)
+    _num(spec, "pseuzo.window", kind=int, lo=1, hi=256)
+    _num(spec, "pseuzo.beta", lo=0.0, hi=1.0)
+    if spec["method"] == "hizoo" and spec["optim"]["directions"] != "dense":
+        raise SpecError("optim.directions", "hizoo scales every element of z by its H^(-1/2), and H^(-1/2)·U·Vᵀ "
+                        "is no longer low rank (it could not be applied inside the forward); use dense")
+    if spec["method"] == "pseuzo":
+        if spec["task"]["type"] != "classification":
+            raise SpecError("task.type", "pseuzo keeps the model outputs its loss reads, which for generation are "
+                            "[batch, length, vocabulary] logits a step; it needs task.type: classification")
+        if spec["task"]["objective"] != "loss":
+            raise SpecError("task.objective", "pseuzo takes the exact gradient of the loss in the logits; "
+                            f"{spec['task']['objective']} has none (use objective: loss)")
+
+
 def validate(given: dict) -> dict:
     """Return the full spec (defaults filled in) or raise SpecError naming the first bad field."""
     if not isinstance(given, dict):
@@ -299,7 +319,7 @@ def validate(given: dict) -> dict:
     unknown = sorted(set(given) - KNOWN_TOP)
     if unknown:
         raise SpecError(unknown[0], f"unknown field (known: {', '.join(sorted(KNOWN_TOP))})")
-    for section in ("optim", "dizo", "task", "lora", "guard", "snapshot"):
+    for section in ("optim", "dizo", "task", "lora", "guard", "snapshot", "hizoo", "pseuzo"):
         if section in given and not isinstance(given[section], dict):
             raise SpecError(section, f"expected a mapping, got {given[section]!r}")
         extra = sorted(set(given.get(section) or {}) - set(DEFAULTS[section]))
@@ -395,6 +415,7 @@ def validate(given: dict) -> dict:
         _validate_fo(spec, given)
     if spec["from_log"] is not None:
         _validate_from_log(spec, given)
+    _validate_hizoo_pseuzo(spec)
 
     _num(spec, "steps", kind=int, lo=0, hi=10**9)  # 0: evaluate only
     _num(spec, "batch_size", kind=int, lo=1)
@@ -455,6 +476,9 @@ def spec_hash(spec: dict) -> str:
     `task.train_size` counts only when set, for the same reason."""
     keep = {k: v for k, v in spec.items()
             if k not in ("name", "window", "budget", "output", "fsync_every", "noise", "snapshot")}
+    for section in ("hizoo", "pseuzo"):  # a method's own section counts for that method only
+        if keep.get("method") != section:
+            keep.pop(section, None)
     optim = keep.get("optim")
     if isinstance(optim, dict) and optim.get("directions", "dense") == "dense":
         keep["optim"] = {k: v for k, v in optim.items() if k not in ("directions", "rank")}

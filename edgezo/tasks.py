@@ -125,6 +125,7 @@ class StepObjective:
     def __init__(self, task: Task, batch: list[Example]):
         self.task, self.batch = task, batch
         self._base: float | None = None
+        self._base_out: torch.Tensor | None = None
         self.forwards = 0  # full forwards spent (prefix shared: 1, however many directions)
         self.short = 0  # forwards of the trainable top only
 
@@ -146,6 +147,34 @@ class StepObjective:
         else:
             self.forwards += 1
         return self.task.objective(self.batch)
+
+    def outputs(self, base: bool = False) -> torch.Tensor:
+        """The outputs the loss reads (classification: the [batch, labels] verbalizer logits), under the
+        active perturbation or, with `base`, unperturbed (asked first, that forward is also the one
+        base() answers from); counted as base() and calls are. PseuZO differentiates the loss in them."""
+        t = self.task
+        if base:
+            if self._base_out is None:
+                fresh = self._base is None
+                with t.perturber.inactive():
+                    if fresh and t.prefix is not None:
+                        t.prefix.clear()
+                        t._capture_next = True
+                    self._base_out = t.logits(self.batch)
+                if fresh:
+                    self._base = t.objective_of(self._base_out, self.batch)
+                    self.forwards += 0 if t.recalled else 1
+                elif t.prefix is not None:
+                    self.short += 1
+                else:
+                    self.forwards += 1
+            return self._base_out
+        if t.prefix is not None:
+            self.outputs(base=True)
+            self.short += 1
+        else:
+            self.forwards += 1
+        return t.logits(self.batch)
 
     def loss(self) -> torch.Tensor:
         """The differentiable loss, for method: fo. Counted as 4 forwards: the forward, its
@@ -206,11 +235,14 @@ class Classification(Task):
         return F.cross_entropy(logits, torch.tensor([e.label for e in batch], device=logits.device))
 
     def objective(self, batch: list[Example]) -> float:
+        return self.objective_of(self.logits(batch), batch)
+
+    def objective_of(self, logits: torch.Tensor, batch: list[Example]) -> float:
+        """The objective from a batch's logits (the same arithmetic as loss() for objective: loss)."""
+        target = torch.tensor([e.label for e in batch], device=logits.device)
         if self.cfg["objective"] == "accuracy":
-            logits = self.logits(batch)
-            target = torch.tensor([e.label for e in batch], device=logits.device)
             return -float((logits.argmax(1) == target).float().mean())
-        return float(self.loss(batch))
+        return float(F.cross_entropy(logits, target))
 
     @torch.no_grad()
     def evaluate(self, examples: list[Example], batch_size: int) -> dict:

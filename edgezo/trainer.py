@@ -119,6 +119,14 @@ def build_engine(spec: dict) -> Engine:
         from edgezo.kerzoo import KerZOO
 
         method = KerZOO(params, perturber, **common)
+    elif spec["method"] == "hizoo":
+        from edgezo.hizoo import HiZOO
+
+        method = HiZOO(params, perturber, smooth=spec["hizoo"]["smooth"], **common)
+    elif spec["method"] == "pseuzo":
+        from edgezo.pseuzo import PseuZO
+
+        method = PseuZO(params, perturber, window=spec["pseuzo"]["window"], beta=spec["pseuzo"]["beta"], **common)
     else:
         method = METHODS[spec["method"]](params, perturber, **common)
     engine = Engine(spec, device, model, tok, path, params, perturber, method)
@@ -192,10 +200,18 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
     projections = sum(1 for f in frames if f.kind == seedlog.PROJECTION)
     live = seedlog.effective(frames)  # what the weights are made of, rollbacks taken into account
     begin = 0
+    if hasattr(engine.method, "reset_state"):  # a method's own state (HiZOO's H, PseuZO's window) restarts too
+        engine.method.reset_state()
     if use_snapshots:  # the newest snapshot whose file survived; frames after it are replayed
         for i in range(len(live) - 1, -1, -1):
             snap = live[i].data
             if live[i].kind == seedlog.SNAPSHOT and (log_path.parent / snap["file"]).is_file():
+                if "optim" in snap:  # a stateful ZO method: its state at the snapshot, or no snapshot
+                    if not (log_path.parent / snap["optim"]).is_file():
+                        continue
+                    from safetensors.torch import load_file
+
+                    engine.method.load_state_tensors(load_file(str(log_path.parent / snap["optim"])))
                 load_trainable(engine, log_path.parent / snap["file"])
                 begin = i + 1
                 break
@@ -203,7 +219,8 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
         rec = f.data
         if f.kind == seedlog.STEP and rec["seeds"]:
             engine.method.apply(StepRecord(step=rec["step"], seeds=rec["seeds"], grads=rec["grads"], lr=rec["lr"],
-                                           weight_decay=rec["wd"]))
+                                           weight_decay=rec["wd"], extra={k: v for k, v in rec.items() if k not in
+                                                                          ("step", "seeds", "grads", "lr", "wd", "loss")}))
         elif f.kind == seedlog.PROJECTION:
             from edgezo.dizo import projection_from_frame
 
@@ -560,6 +577,8 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
     writer.close()
     wall = time.monotonic() - t0
     report = build_report(spec, job_dir, evals, events, meter, step, wall, done_here, engine.perturber.noise.name)
+    if hasattr(engine.method, "state_bytes"):  # what a stateful ZO method keeps beyond MeZO (HiZOO's H, PseuZO's window)
+        report["memory"]["method_state_bytes"] = engine.method.state_bytes()
     write_json_atomic(job_dir / "report.json", report)
     events.emit(Event.DONE, report={k: report[k] for k in ("status", "steps_done", "metrics")})
     return report

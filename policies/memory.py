@@ -191,6 +191,8 @@ def estimate(
     # ZO keeps no gradients or optimiser state. DiZO streams the pre-trained anchor of its projected
     # layers from the model's safetensors one layer at a time; a GGUF model's anchor is a host copy.
     extra = linear_bytes(cfg, dizo_layers or ["q_proj", "v_proj"], nbytes) if method == "dizo" and anchor_in_memory else 0
+    if method == "hizoo":  # H, one fp32 value per trainable element (edgezo/hizoo.py)
+        extra += train * 4 // (4 if trainable == "lora" else nbytes)
     steady = runtime + weights + acts + extra
     heavy = {
         Phase.EVAL: eval_extra(cfg, eval_batch or batch_size, max_length, nbytes),
