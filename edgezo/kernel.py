@@ -101,7 +101,7 @@ def gaussian_error(k: torch.Tensor, q: int) -> float:
 def measure(spec: dict, perturbations: list[int], *, examples: int = 8, trials: int = 3,
             eps: float | None = None) -> list[KernelRow]:
     """The diagnostic for one spec (its model, trainable set, noise stream and first train sentences)."""
-    from edgezo.data import read_rows
+    from edgezo.data import data_path, read_rows
     from edgezo.tasks import make_task
     from edgezo.trainer import build_engine
 
@@ -119,7 +119,7 @@ def measure(spec: dict, perturbations: list[int], *, examples: int = 8, trials: 
                           f"{m * n_params * 4 / 2**30:.1f} GiB; use fewer --examples or a smaller trainable set "
                           "(e.g. --set trainable=top1)")
     task = make_task(spec["task"], engine.model, engine.tokenizer, engine.perturber, spec["max_length"], engine.device)
-    batch = task.encode(read_rows(spec["task"]["train"], "task.train")[:examples], "task.train")
+    batch = task.encode(read_rows(data_path(spec["task"]["train"], "train"), "task.train")[:examples], "task.train")
     jac = jacobian(task, engine, batch).double()
     k = jac @ jac.T
     del jac
