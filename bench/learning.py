@@ -60,7 +60,8 @@ RECIPES: dict[str, list[str]] = {
     "mezo-top1": ["method=mezo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=4"],
     "kerzoo-top1": ["method=kerzoo", "trainable=top1", "optim.lr=1e-4", "optim.eps=1e-3", "optim.perturbations=4"],
     # HiZOO (3 losses a direction, H in fp32: 4 bytes per trainable number) and PseuZO (1 + q forwards,
-    # a window of 8 past steps) on the same set and 4 directions; lr by the same --sweep: SWEEP_HP
+    # a window of 8 past steps) on the same set and 4 directions; lr by the same --sweep (2 min, 500 held-out
+    # train sentences, zero-shot 79.2 %): hizoo 3e-3/1e-2/3e-2: 80.6/80.8/79.6 %; pseuzo 80.6/81.2/80.0 %
     "hizoo-top1": ["method=hizoo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=4"],
     "pseuzo-top1": ["method=pseuzo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=4"],
     "fzoo-top1": ["method=fzoo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=16"],
