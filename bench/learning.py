@@ -58,6 +58,8 @@ RECIPES: dict[str, list[str]] = {
     # (2 min, 500 held-out train sentences, zero-shot 79.2 %): mezo 1e-4/1e-3/1e-2: 79.6/79.4/80.0 %;
     # kerzoo 1e-4/1e-3/1e-2: 79.8/79.0/78.0 % -- neither moves beyond the interval in 2 minutes
     "mezo-top1": ["method=mezo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=4"],
+    # DiZO is MeZO's step plus a projection every dizo.interval steps (ZO-learnt, 10 iterations): MeZO's lr
+    "dizo-top1": ["method=dizo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=4"],
     "kerzoo-top1": ["method=kerzoo", "trainable=top1", "optim.lr=1e-4", "optim.eps=1e-3", "optim.perturbations=4"],
     # HiZOO (3 losses a direction, H in fp32: 4 bytes per trainable number) and PseuZO (1 + q forwards,
     # a window of 8 past steps) on the same set and 4 directions; lr by the same --sweep (2 min, 500 held-out
