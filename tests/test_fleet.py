@@ -17,8 +17,6 @@ from edgezo import seedlog
 from edgezo.fleet import records as R
 from edgezo.spec import SpecError, load_spec
 
-pytest.importorskip("flwr")
-
 SPEC = {"optim": {"lr": 1e-3, "weight_decay": 0.0, "schedule": "constant", "perturbations": 1}}
 
 
