@@ -28,7 +28,7 @@ import torch
 
 from edgezo.noise import ZOParam
 from edgezo.perturb import Perturber
-from edgezo.zo import LossFn, MeZO, StepRecord, lr_at, step_seed
+from edgezo.zo import LossFn, MeZO, StepRecord, lr_at
 
 
 class Preconditioned:
@@ -115,11 +115,7 @@ class HiZOO(MeZO):
         l0 = base() if base is not None else loss_fn()
         seeds, grads, curv, losses = [], [], [], []
         for k in range(self.q):
-            s = step_seed(self.seed, step, k)
-            with self.perturber.active(s, +self.eps):
-                lp = loss_fn()
-            with self.perturber.active(s, -self.eps):
-                lm = loss_fn()
+            s, lp, lm = self.two_point(step, k, loss_fn)  # along H^(-1/2)·z: the Perturber's stream is wrapped
             seeds.append(s)
             grads.append((lp - lm) / (2.0 * self.eps))
             curv.append(abs(lp + lm - 2.0 * l0) / (2.0 * self.eps * self.eps))

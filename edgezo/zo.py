@@ -72,15 +72,20 @@ class MeZO(ZOMethod):
 
     name = "mezo"
 
+    def two_point(self, step: int, k: int, loss_fn: LossFn) -> tuple[int, float, float]:
+        """Direction k of `step`: its seed and the losses at θ + ε·z and θ − ε·z."""
+        s = step_seed(self.seed, step, k)
+        with self.perturber.active(s, +self.eps):
+            lp = loss_fn()
+        with self.perturber.active(s, -self.eps):
+            lm = loss_fn()
+        return s, lp, lm
+
     @torch.no_grad()
     def step(self, step: int, loss_fn: LossFn) -> StepRecord:
         seeds, grads, losses = [], [], []
         for k in range(self.q):
-            s = step_seed(self.seed, step, k)
-            with self.perturber.active(s, +self.eps):
-                lp = loss_fn()
-            with self.perturber.active(s, -self.eps):
-                lm = loss_fn()
+            s, lp, lm = self.two_point(step, k, loss_fn)
             seeds.append(s)
             grads.append((lp - lm) / (2.0 * self.eps))
             losses.extend([lp, lm])
