@@ -27,20 +27,25 @@ from edgezo import seedlog
 from edgezo.data import bucketed_batch, check_fields, data_path, read_rows
 from edgezo.disk import job_disk_use
 from edgezo.guard import DivergenceGuard, Rollback
+from edgezo.hizoo import HiZOO
 from edgezo.hooks import TrainerHooks
 from edgezo.jobdir import write_json_atomic
+from edgezo.kerzoo import KerZOO
 from edgezo.memory import MEMORY_LOG, MemoryLog, MemoryMeter, release_free_heap
 from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
 from edgezo.noise import NoiseUnavailable, ZOParam, make_noise, mix
 from edgezo.perturb import Perturber, collect_params
 from edgezo.prefix import FeatureCache
 from edgezo.protocol import Cancelled, Control, EdgezoError, Event, JobState, Paused, Phase
+from edgezo.pseuzo import PseuZO
 from edgezo.report import accuracy_gain
 from edgezo.snapshots import SNAPSHOT_DIR, SnapshotClock, fsync_dir, keep_count, prune
 from edgezo.spec import read_job_spec, spec_hash
 from edgezo.tasks import make_task
 from edgezo.zo import METHODS, StepRecord, ZOMethod
 from policies import memory as mem
+
+ZO_METHODS: dict[str, type[ZOMethod]] = {**METHODS, "kerzoo": KerZOO, "hizoo": HiZOO, "pseuzo": PseuZO}
 
 
 class TrainingError(EdgezoError, RuntimeError):
@@ -115,20 +120,8 @@ def build_engine(spec: dict) -> Engine:
             method: ZOMethod = DiZO(params, perturber, dizo=spec["dizo"], model_path=path, model=model, **common)
         except ValueError as e:
             raise TrainingError(str(e)) from None
-    elif spec["method"] == "kerzoo":
-        from edgezo.kerzoo import KerZOO
-
-        method = KerZOO(params, perturber, **common)
-    elif spec["method"] == "hizoo":
-        from edgezo.hizoo import HiZOO
-
-        method = HiZOO(params, perturber, smooth=spec["hizoo"]["smooth"], **common)
-    elif spec["method"] == "pseuzo":
-        from edgezo.pseuzo import PseuZO
-
-        method = PseuZO(params, perturber, window=spec["pseuzo"]["window"], beta=spec["pseuzo"]["beta"], **common)
-    else:
-        method = METHODS[spec["method"]](params, perturber, **common)
+    else:  # MeZO and the estimators on its step; a method's own spec section (hizoo, pseuzo) gives its extra arguments
+        method = ZO_METHODS[spec["method"]](params, perturber, **spec.get(spec["method"], {}), **common)
     engine = Engine(spec, device, model, tok, path, params, perturber, method)
     g = spec["guard"]
     if g["rise"] > 0:
