@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from edgezo.kerzoo import kernel, radius
-from edgezo.spec import load_spec
-from edgezo.testing.tiny import PauseAt, job_weights, replayed, same_tensors
-from edgezo.trainer import Paused, prepare_job_dir, run_job
+from edgezo.testing.tiny import PauseAt, job_weights, make_job, replayed, same_tensors
+from edgezo.trainer import Paused, run_job
 
 
 def _expect_over_r(f) -> float:
@@ -46,16 +45,13 @@ KW = dict(method="kerzoo", trainable="top1", steps=12, eval_size=0, snapshot_eve
           optim={"lr": 0.02, "eps": 1e-2, "perturbations": 4, "schedule": "constant"})
 
 
-def _job(tmp_path, spec_dict, name, **kw):
-    return prepare_job_dir(tmp_path / name, load_spec({**spec_dict, **kw}))
-
 
 def _losses(job):
     return [e["loss"] for e in map(json.loads, (job / "events.jsonl").read_text().splitlines()) if e["kind"] == "step"]
 
 
 def test_kerzoo_lowers_the_training_loss_and_logs_its_radii(tmp_path, tiny_spec_dict):
-    job = _job(tmp_path, tiny_spec_dict, "job", **{**KW, "steps": 30, "snapshot_every": 0})
+    job = make_job(tmp_path, tiny_spec_dict, "job", **{**KW, "steps": 30, "snapshot_every": 0})
     run_job(job)
     losses = _losses(job)
     assert sum(losses[-5:]) < sum(losses[:5]), losses
@@ -66,9 +62,9 @@ def test_kerzoo_lowers_the_training_loss_and_logs_its_radii(tmp_path, tiny_spec_
 
 
 def test_kerzoo_resume_equals_an_uninterrupted_run_and_replay(tmp_path, tiny_spec_dict):
-    ref = _job(tmp_path, tiny_spec_dict, "ref", **KW)
+    ref = make_job(tmp_path, tiny_spec_dict, "ref", **KW)
     run_job(ref)
-    job = _job(tmp_path, tiny_spec_dict, "paused", **KW)
+    job = make_job(tmp_path, tiny_spec_dict, "paused", **KW)
     with pytest.raises(Paused):
         run_job(job, PauseAt(7))
     run_job(job)

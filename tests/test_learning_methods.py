@@ -11,12 +11,8 @@ import torch
 from edgezo.hooks import TrainerHooks
 from edgezo.prefix import first_trainable_layer
 from edgezo.spec import SpecError, load_spec
-from edgezo.testing.tiny import PauseAt, job_weights, replayed, same_tensors
-from edgezo.trainer import EventLog, Paused, build_engine, prepare_job_dir, run_job, shared_prefix
-
-
-def _job(tmp_path, spec_dict, name="job", **overrides):
-    return prepare_job_dir(tmp_path / name, load_spec({**spec_dict, **overrides}))
+from edgezo.testing.tiny import PauseAt, job_weights, make_job, replayed, same_tensors
+from edgezo.trainer import EventLog, Paused, build_engine, run_job, shared_prefix
 
 
 def _events(job, kind):
@@ -88,7 +84,7 @@ def test_fzoo_needs_two_directions_and_names_the_field(tiny_spec_dict):
 
 
 def test_fzoo_on_the_top_block_lowers_the_training_loss(tmp_path, tiny_spec_dict):
-    job = _job(tmp_path, tiny_spec_dict, method="fzoo", trainable="top1", steps=30, eval_size=0,
+    job = make_job(tmp_path, tiny_spec_dict, method="fzoo", trainable="top1", steps=30, eval_size=0,
                optim={"lr": 0.05, "eps": 1e-3, "perturbations": 8})
     run_job(job)
     losses = [e["loss"] for e in _events(job, "step")]
@@ -101,9 +97,9 @@ def test_fzoo_on_the_top_block_lowers_the_training_loss(tmp_path, tiny_spec_dict
 def test_fzoo_resume_after_a_pause_equals_an_uninterrupted_run(tmp_path, tiny_spec_dict):
     kw = dict(method="fzoo", trainable="top1", steps=12, eval_size=0, snapshot_every=5,
               optim={"lr": 0.05, "eps": 1e-3, "perturbations": 4})
-    ref = _job(tmp_path, tiny_spec_dict, name="ref", **kw)
+    ref = make_job(tmp_path, tiny_spec_dict, name="ref", **kw)
     run_job(ref)
-    job = _job(tmp_path, tiny_spec_dict, name="paused", **kw)
+    job = make_job(tmp_path, tiny_spec_dict, name="paused", **kw)
     with pytest.raises(Paused):
         run_job(job, PauseAt(7))
     run_job(job)
@@ -118,7 +114,7 @@ DIVERGING = dict(method="fzoo", trainable="full", steps=24, eval_size=0, snapsho
 
 
 def test_guard_rolls_back_a_forced_divergence_and_replay_follows_it(tmp_path, tiny_spec_dict):
-    job = _job(tmp_path, tiny_spec_dict, **DIVERGING)
+    job = make_job(tmp_path, tiny_spec_dict, **DIVERGING)
     report = run_job(job)
     rollbacks = _events(job, "rollback")
     assert rollbacks, "lr 3.0 should have diverged and tripped the guard"
@@ -126,17 +122,17 @@ def test_guard_rolls_back_a_forced_divergence_and_replay_follows_it(tmp_path, ti
     assert report["guard"]["rollbacks"] == len(rollbacks)
     assert same_tensors(job_weights(job), replayed(tmp_path, job))
 
-    unguarded = _job(tmp_path, tiny_spec_dict, name="unguarded", **{**DIVERGING, "guard": {"rise": 0}})
+    unguarded = make_job(tmp_path, tiny_spec_dict, name="unguarded", **{**DIVERGING, "guard": {"rise": 0}})
     run_job(unguarded)
     mean = lambda j: sum(e["loss"] for e in _events(j, "step")[-6:]) / 6  # noqa: E731
     assert mean(job) < mean(unguarded)
 
 
 def test_guard_resume_across_a_rollback_equals_an_uninterrupted_run(tmp_path, tiny_spec_dict):
-    ref = _job(tmp_path, tiny_spec_dict, name="ref", **DIVERGING)
+    ref = make_job(tmp_path, tiny_spec_dict, name="ref", **DIVERGING)
     run_job(ref)
     first = _events(ref, "rollback")[0]["step"]
-    job = _job(tmp_path, tiny_spec_dict, name="paused", **DIVERGING)
+    job = make_job(tmp_path, tiny_spec_dict, name="paused", **DIVERGING)
     with pytest.raises(Paused):
         run_job(job, PauseAt(first + 2))
     run_job(job)
@@ -163,7 +159,7 @@ def test_gain_is_paired_over_the_same_sentences_and_shown():
 
 
 def test_a_real_run_reports_its_gain(tmp_path, tiny_spec_dict):
-    job = _job(tmp_path, tiny_spec_dict, method="fzoo", trainable="top1", steps=4,
+    job = make_job(tmp_path, tiny_spec_dict, method="fzoo", trainable="top1", steps=4,
                optim={"lr": 0.05, "eps": 1e-3, "perturbations": 4})
     report = run_job(job)
     g = report["metrics"]["gain"]
@@ -181,7 +177,7 @@ FEATURES = dict(method="fzoo", trainable="top0", steps=20, eval_size=0, snapshot
 def _feature_job(tmp_path, spec_dict, name):
     kw = {k: v for k, v in FEATURES.items() if k != "task_train_size"}
     spec = {**spec_dict, **kw, "task": {**spec_dict["task"], "train_size": FEATURES["task_train_size"]}}
-    return _job(tmp_path, spec, name=name)
+    return make_job(tmp_path, spec, name=name)
 
 
 def test_with_no_block_trainable_an_example_seen_before_costs_no_forward(tmp_path, tiny_spec_dict):

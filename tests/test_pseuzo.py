@@ -9,8 +9,8 @@ import torch
 
 from edgezo.pseuzo import loss_gradient, per_class
 from edgezo.spec import SpecError, load_spec
-from edgezo.testing.tiny import PauseAt, job_weights, replayed, same_tensors
-from edgezo.trainer import Paused, build_engine, make_task, prepare_job_dir, run_job
+from edgezo.testing.tiny import PauseAt, job_weights, make_job, replayed, same_tensors
+from edgezo.trainer import Paused, build_engine, make_task, run_job
 
 
 def test_loss_gradient_is_autograd_of_the_mean_cross_entropy():
@@ -76,12 +76,9 @@ KW = dict(method="pseuzo", trainable="top1", steps=12, eval_size=0, snapshot_eve
           pseuzo={"window": 3, "beta": 0.8}, optim={"lr": 0.05, "eps": 1e-2, "perturbations": 2})
 
 
-def _job(tmp_path, spec_dict, name, **kw):
-    return prepare_job_dir(tmp_path / name, load_spec({**spec_dict, **kw}))
-
 
 def test_pseuzo_lowers_the_loss_and_its_window_is_small(tmp_path, tiny_spec_dict):
-    job = _job(tmp_path, tiny_spec_dict, "job", **{**KW, "steps": 30, "snapshot_every": 0})
+    job = make_job(tmp_path, tiny_spec_dict, "job", **{**KW, "steps": 30, "snapshot_every": 0})
     report = run_job(job)
     events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in events if e["kind"] == "step"]
@@ -96,9 +93,9 @@ def test_pseuzo_lowers_the_loss_and_its_window_is_small(tmp_path, tiny_spec_dict
 
 
 def test_pseuzo_resume_from_a_snapshot_equals_an_uninterrupted_run_and_replay(tmp_path, tiny_spec_dict):
-    ref = _job(tmp_path, tiny_spec_dict, "ref", **KW)
+    ref = make_job(tmp_path, tiny_spec_dict, "ref", **KW)
     run_job(ref)
-    job = _job(tmp_path, tiny_spec_dict, "paused", **KW)
+    job = make_job(tmp_path, tiny_spec_dict, "paused", **KW)
     with pytest.raises(Paused):
         run_job(job, PauseAt(8))  # a snapshot (weights + window) at step 4, steps 5-7 replayed onto it
     assert list((job / "snapshots").glob("optim-*.safetensors"))

@@ -16,22 +16,18 @@ from safetensors.torch import load_file
 
 from edgezo.cli import main as cli_main
 from edgezo.spec import SpecError, load_spec
-from edgezo.testing.tiny import job_weights, same_tensors
-from edgezo.trainer import prepare_job_dir, run_job
+from edgezo.testing.tiny import job_weights, make_job, same_tensors
+from edgezo.trainer import run_job
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def _job(tmp_path, spec_dict, name="job", **overrides):
-    spec = load_spec({**spec_dict, **overrides})
-    return prepare_job_dir(tmp_path / name, spec)
 
 
 _weights, _same = job_weights, same_tensors
 
 
 def test_run_writes_report_with_metrics_and_memory(tmp_path, tiny_spec_dict):
-    job = _job(tmp_path, tiny_spec_dict)
+    job = make_job(tmp_path, tiny_spec_dict)
     report = run_job(job)
     on_disk = json.loads((job / "report.json").read_text())
     assert on_disk["status"] == "done" and on_disk["steps_done"] == 6
@@ -46,7 +42,7 @@ def test_run_writes_report_with_metrics_and_memory(tmp_path, tiny_spec_dict):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_replay_rebuilds_trained_weights_bit_for_bit(tmp_path, tiny_spec_dict, precision):
-    job = _job(tmp_path, tiny_spec_dict, precision=precision, steps=9, snapshot_every=4, eval_size=0)
+    job = make_job(tmp_path, tiny_spec_dict, precision=precision, steps=9, snapshot_every=4, eval_size=0)
     run_job(job)
     trained = _weights(job)
     for flag, out in (([], "replayed"), (["--from-base"], "from-base")):
@@ -58,22 +54,22 @@ def test_replay_rebuilds_trained_weights_bit_for_bit(tmp_path, tiny_spec_dict, p
 
 
 def test_fixed_seed_reproduces_bit_for_bit(tmp_path, tiny_spec_dict):
-    a = _job(tmp_path, tiny_spec_dict, name="a", eval_size=0)
-    b = _job(tmp_path, tiny_spec_dict, name="b", eval_size=0)
+    a = make_job(tmp_path, tiny_spec_dict, name="a", eval_size=0)
+    b = make_job(tmp_path, tiny_spec_dict, name="b", eval_size=0)
     run_job(a)
     run_job(b)
     assert _same(_weights(a), _weights(b))
-    c = _job(tmp_path, tiny_spec_dict, name="c", eval_size=0, seed=1)
+    c = make_job(tmp_path, tiny_spec_dict, name="c", eval_size=0, seed=1)
     run_job(c)
     assert not _same(_weights(a), _weights(c))
 
 
 def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, tiny_spec_dict):
     steps = 120
-    ref = _job(tmp_path, tiny_spec_dict, name="ref", steps=steps, eval_size=0, snapshot_every=25)
+    ref = make_job(tmp_path, tiny_spec_dict, name="ref", steps=steps, eval_size=0, snapshot_every=25)
     run_job(ref)
 
-    killed = _job(tmp_path, tiny_spec_dict, name="killed", steps=steps, eval_size=0, snapshot_every=25)
+    killed = make_job(tmp_path, tiny_spec_dict, name="killed", steps=steps, eval_size=0, snapshot_every=25)
     kill_at = random.Random().randint(5, 60)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "edgezo.cli", "resume", str(killed)], env=env,
@@ -94,9 +90,9 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, tin
 
 
 def test_torn_log_tail_resumes_from_the_last_intact_step(tmp_path, tiny_spec_dict):
-    ref = _job(tmp_path, tiny_spec_dict, name="ref", steps=8, eval_size=0)
+    ref = make_job(tmp_path, tiny_spec_dict, name="ref", steps=8, eval_size=0)
     run_job(ref)
-    job = _job(tmp_path, tiny_spec_dict, name="torn", steps=8, eval_size=0)
+    job = make_job(tmp_path, tiny_spec_dict, name="torn", steps=8, eval_size=0)
     run_job(job)
     log = job / "seedlog.ezl"
     log.write_bytes(log.read_bytes()[:-9])  # the last step's frame is torn
@@ -148,7 +144,7 @@ def test_an_output_named_like_a_job_file_is_refused(tiny_spec_dict, output):
 def test_bad_data_says_why(tmp_path, tiny_spec_dict):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "fine", "label": "meh"}\n')
-    job = _job(tmp_path, tiny_spec_dict, task={**tiny_spec_dict["task"], "train": str(rows)})
+    job = make_job(tmp_path, tiny_spec_dict, task={**tiny_spec_dict["task"], "train": str(rows)})
     from edgezo.data import DataError
 
     with pytest.raises(DataError, match="label 'meh'"):

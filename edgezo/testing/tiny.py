@@ -127,6 +127,14 @@ def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def make_job(tmp_path: Path, spec_dict: dict, name: str = "job", **overrides) -> Path:
+    """A prepared job directory tmp_path/name for spec_dict with top-level fields overridden."""
+    from edgezo.spec import load_spec
+    from edgezo.trainer import prepare_job_dir
+
+    return prepare_job_dir(tmp_path / name, load_spec({**spec_dict, **overrides}))
+
+
 def replayed(tmp_path: Path, job: Path, name: str = "replayed") -> dict:
     """The weights `edgezo replay --from-base` rebuilds from a job's seed-log."""
     from safetensors.torch import load_file
