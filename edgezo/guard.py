@@ -1,12 +1,22 @@
-"""The divergence guard: when the training loss climbs clearly above its best, go back and slow down.
+"""The guard: a job never hands back weights worse than the ones it had, by two watches.
 
-ZO at a too-large lr looks fine for a while and then falls apart (ANCHORS: norms at lr 1e-3 held
-45 steps, then went from 78 % to 51 %). The guard keeps an exponential moving average of each step's
-loss. Once the average rises `rise` (relative) above the best average seen, the weights return to
-the step where that best was reached — rebuilt from the seed-log, no snapshot needed — and lr is
-multiplied by `lr_factor`. A ROLLBACK frame in the seed-log records it, so replay and resume follow
-the same path; the guard's own state is a pure function of the logged losses, so a resumed job
-takes the same decisions as an uninterrupted one.
+The loss watch. ZO at a too-large lr looks fine for a while and then falls apart (ANCHORS: norms at
+lr 1e-3 held 45 steps, then went from 78 % to 51 %). The guard keeps an exponential moving average
+of each step's loss. Once the average rises `rise` (relative) above the best average seen, the
+weights return to the step where that best was reached and lr is multiplied by `lr_factor`.
+
+The held-out watch. The training loss can hold while accuracy drifts (constant-lr MeZO on top1 went
+from 78.4 % to 75.4 % on dev with a lower dev loss), so the guard also scores a few hundred train
+sentences kept out of training (`held_out`): before the first step, every `check_every` steps and
+after the last. When a check falls `drop` below the best one, the weights return to the best
+checked step and lr is lowered; at the end, they return to the best checked step if the last
+weights are not it. The start is the first check, so a job never ends below its own zero-shot
+accuracy on those sentences. Dev sentences are never used.
+
+Either way the weights are rebuilt from the seed-log (no snapshot needed). A ROLLBACK frame records
+each return and a CHECK frame each check, so replay and resume follow the same path: the guard's
+state is a pure function of the logged losses and checks, and a resumed job takes the decisions an
+uninterrupted one took.
 """
 
 from __future__ import annotations
@@ -14,32 +24,66 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+LOSS, HELD_OUT, END = "loss", "held_out", "end"  # why the weights went back (a ROLLBACK frame's "cause")
+
 
 @dataclass
 class Rollback:
-    at: int  # the step whose loss triggered it
+    at: int  # the step after which it tripped
     to: int  # the weights return to the state after this step (-1: the base weights)
     lr_scale: float  # lr multiplier from now on (cumulative)
+    cause: str = LOSS
+
+
+@dataclass
+class Check:
+    step: int  # the weights after this step (-1: the base weights)
+    accuracy: float
+    loss: float
+
+    def beats(self, other: Check) -> bool:
+        return (self.accuracy, -self.loss) > (other.accuracy, -other.loss)
+
+
+def split_held_out(rows: list, train_size: int | None, n: int) -> tuple[list, list]:
+    """(training rows, held-out rows). The held-out rows follow the training pool when the split has
+    room after `train_size` rows; else they are the split's last rows, which training then skips.
+    At most a fifth of the split is held out, so a small data set still trains."""
+    n = min(n, len(rows) // 5)
+    if n <= 0:
+        return rows[:train_size], []
+    if train_size is not None and train_size + n <= len(rows):
+        return rows[:train_size], rows[train_size:train_size + n]
+    return rows[: len(rows) - n][:train_size], rows[len(rows) - n:]
 
 
 class DivergenceGuard:
-    def __init__(self, *, rise: float, span: int, lr_factor: float):
-        self.rise, self.span, self.lr_factor = rise, span, lr_factor
+    def __init__(self, *, rise: float, span: int, lr_factor: float, drop: float = 0.0):
+        self.rise, self.span, self.lr_factor, self.drop = rise, span, lr_factor, drop
         self.alpha = 2.0 / (span + 1)
         self.ema: float | None = None
         self.seen = 0  # steps averaged since the start or the last rollback
         self.best: float | None = None
         self.best_step = -1
+        self.anchored = False  # a held-out return set best_step: a non-finite loss can go back there
         self.lr_scale = 1.0
         self.rollbacks = 0
         self.pending: Rollback | None = None  # tripped on the last step, not rolled back yet (resume)
+        self.at = -1  # the step whose weights the model holds now
+        self.checks: dict[int, Check] = {}  # held-out checks of weights still reachable from the log
 
     @property
     def enabled(self) -> bool:
         return self.rise > 0
 
+    @property
+    def can_roll_back(self) -> bool:
+        """A non-finite loss is survivable: the loss watch is on and has a good step to return to."""
+        return self.enabled and (self.best is not None or self.anchored)
+
     def observe(self, step: int, loss: float) -> Rollback | None:
         """Feed the loss of `step` (after its update is applied); a Rollback when the guard trips."""
+        self.at = step
         self.pending = self._observe(step, loss)
         return self.pending
 
@@ -47,7 +91,7 @@ class DivergenceGuard:
         if not self.enabled:
             return None
         if not math.isfinite(loss):
-            return self._trip(step) if self.best is not None else None
+            return self._trip(step) if self.can_roll_back else None
         self.ema = loss if self.ema is None else self.ema + self.alpha * (loss - self.ema)
         self.seen += 1
         if self.seen < max(1, self.span // 2):  # too few losses for the average to mean anything
@@ -62,13 +106,55 @@ class DivergenceGuard:
     def _trip(self, step: int) -> Rollback:
         return Rollback(at=step, to=self.best_step, lr_scale=self.lr_scale * self.lr_factor)
 
-    def rolled_back(self, rb: Rollback) -> None:
-        """The weights are back at `rb.to`: average from the best again, at the lower lr."""
+    def best_check(self) -> Check | None:
+        best = None
+        for c in self.checks.values():  # in step order: the earliest of equals wins
+            if best is None or c.beats(best):
+                best = c
+        return best
+
+    def checked(self) -> bool:
+        """Whether the weights the model holds now have been checked."""
+        return self.at in self.checks
+
+    def moved(self) -> None:
+        """The weights changed without a step (a DiZO projection): their check no longer holds."""
+        self.checks.pop(self.at, None)
+
+    def check(self, accuracy: float, loss: float) -> Rollback | None:
+        """A held-out check of the current weights; a Rollback when it falls `drop` below the best."""
+        best = self.best_check()
+        self.checks[self.at] = Check(self.at, accuracy, loss)
         self.pending = None
-        self.ema = self.best
-        self.seen = max(self.seen, self.span)
+        if best is not None and accuracy < best.accuracy - self.drop:
+            self.pending = Rollback(at=self.at, to=best.step, lr_scale=self.lr_scale * self.lr_factor, cause=HELD_OUT)
+        return self.pending
+
+    def settle(self) -> Rollback | None:
+        """At the end: back to the best checked weights unless they are the current ones (lr unchanged)."""
+        best = self.best_check()
+        if best is None or best.step == self.at:
+            return None
+        self.pending = Rollback(at=self.at, to=best.step, lr_scale=self.lr_scale, cause=END)
+        return self.pending
+
+    def rolled_back(self, rb: Rollback) -> None:
+        """The weights are back at `rb.to`; checks of weights the log no longer reaches are dropped."""
+        self.pending = None
+        self.at = rb.to
+        self.checks = {s: c for s, c in self.checks.items() if s <= rb.to or s > rb.at}
+        if rb.cause == LOSS:  # average from the best again, at the lower lr
+            self.ema = self.best
+            self.seen = max(self.seen, self.span)
+        else:  # the loss watch's best may lie beyond rb.to: it starts again from there
+            self.ema, self.best, self.seen = None, None, 0
+            self.best_step, self.anchored = rb.to, True
         self.lr_scale = rb.lr_scale
         self.rollbacks += 1
 
     def frame(self, rb: Rollback) -> dict:
-        return {"step": rb.at, "to": rb.to, "lr_scale": rb.lr_scale, "best_loss": self.best}
+        out = {"step": rb.at, "to": rb.to, "lr_scale": rb.lr_scale, "cause": rb.cause, "best_loss": self.best}
+        best = self.best_check()
+        if rb.cause != LOSS and best is not None:
+            out["best_accuracy"] = best.accuracy
+        return out

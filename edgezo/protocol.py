@@ -71,7 +71,8 @@ class Event(StrEnum):
     EVAL = "eval"  # {step, tag, metrics}
     PROJECTION = "projection"
     SNAPSHOT = "snapshot"
-    ROLLBACK = "rollback"
+    ROLLBACK = "rollback"  # {step, to, lr, cause: loss | held_out | end, ...}
+    CHECK = "check"  # {step, accuracy, loss, n, best_step, best_accuracy}: the guard's held-out score
     PREFIX = "prefix"
     FINISH = "finish"
     PAUSED = "paused"  # {step}

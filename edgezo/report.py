@@ -66,9 +66,17 @@ def render(report: dict) -> str:
         lo, hi = g["interval95"]
         lines.append(f"gain       {g['points']:+.1f} points (95 % interval {lo:+.1f} to {hi:+.1f}, paired over the same "
                      f"{g['n']} sentences: {g['better']} now right, {g['worse']} now wrong)")
-    rb = (report.get("guard") or {}).get("events") or []
-    for e in rb:
-        lines.append(f"rollback   at step {e['step']} the loss had risen: back to step {e['to']}, lr now {e['lr']:.3g}")
+    guard = report.get("guard") or {}
+    h = guard.get("held_out")
+    if h:
+        lines.append(f"held-out   {h['n']} train sentences kept out of training, checked {h['checks']} times: "
+                     f"{_pct(h['start'])} at the start, {_pct(h['end'])} at the end (the weights after "
+                     + ("no step)" if h["end_step"] < 0 else f"step {h['end_step']})"))
+    for e in guard.get("events") or []:
+        to = "the base weights" if e["to"] < 0 else f"step {e['to']}"
+        why = {"held_out": "the held-out score fell", "end": "the job ends on its best held-out check"}.get(
+            e.get("cause"), "the loss had risen")
+        lines.append(f"rollback   at step {e['step']} {why}: back to {to}, lr now {e['lr']:.3g}")
     mem = report.get("memory") or {}
     if mem:
         lines.append(f"memory     peak {human_bytes(mem.get('peak_bytes'))} ({mem.get('peak_bytes')} B), "
@@ -89,6 +97,10 @@ def render(report: dict) -> str:
     if report.get("disk"):
         lines.append(disk_line(report["disk"]))
     return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.1f} %"
 
 
 def disk_line(d: dict) -> str:

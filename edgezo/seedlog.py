@@ -5,8 +5,8 @@ covers kind, length and payload; payloads are compact JSON (Python floats round-
 The first frame is the header (format, spec hash, base-model hash, dtype, ...). Then one STEP frame
 per ZO step, one PROJECTION frame per DiZO projection, a SNAPSHOT frame each time a full copy of
 the trainable tensors was written (which bounds replay time), and a ROLLBACK frame when the
-divergence guard returned the weights to an earlier step (the frames after that step no longer
-count; see `effective`). A torn tail (power loss mid-write) fails
+guard returned the weights to an earlier step (the frames after that step no longer count; see
+`effective`), a CHECK frame each time the guard scored its held-out sentences. A torn tail (power loss mid-write) fails
 its length or CRC check: it is dropped with a warning and everything before it stands. A damaged
 frame with intact frames after it is not a torn tail but corruption: reading stops with a
 SeedLogError that says where, and nothing is dropped or truncated.
@@ -28,8 +28,9 @@ from edgezo.protocol import EdgezoError
 
 MAGIC = b"EDGEZO-SEEDLOG\n"
 FORMAT_VERSION = 1
-HEADER, STEP, PROJECTION, SNAPSHOT, ROLLBACK = 1, 2, 3, 4, 5
-KINDS = {HEADER: "header", STEP: "step", PROJECTION: "projection", SNAPSHOT: "snapshot", ROLLBACK: "rollback"}
+HEADER, STEP, PROJECTION, SNAPSHOT, ROLLBACK, CHECK = 1, 2, 3, 4, 5, 6
+KINDS = {HEADER: "header", STEP: "step", PROJECTION: "projection", SNAPSHOT: "snapshot", ROLLBACK: "rollback",
+         CHECK: "check"}  # CHECK: a held-out score of the weights after a step (edgezo/guard.py)
 _FRAME = struct.Struct("<BI")
 _CRC = struct.Struct("<I")
 

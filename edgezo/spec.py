@@ -69,9 +69,12 @@ DEFAULTS: dict[str, Any] = {
     },
     "hizoo": {"smooth": 1.0e-6},  # α of HiZOO's curvature average (edgezo/hizoo.py)
     "pseuzo": {"window": 8, "beta": 0.9},  # PseuZO's sliding window (steps) and EMA factor (edgezo/pseuzo.py)
-    # The divergence guard (edgezo/guard.py): when the loss's moving average over `span` steps rises
-    # `rise` (relative) above its best, roll back to that best step and multiply lr by lr_factor.
-    "guard": {"rise": 0.25, "span": 40, "lr_factor": 0.5},
+    # The guard (edgezo/guard.py): when the loss's moving average over `span` steps rises `rise`
+    # (relative) above its best, roll back to that best step and multiply lr by lr_factor. It also
+    # scores `held_out` train sentences kept out of training (at most a fifth of the split) at the
+    # start, every `check_every` steps (0: only at the start and the end) and at the end: a check
+    # `drop` below the best rolls back there (lr lowered too), and the job ends on its best check.
+    "guard": {"rise": 0.25, "span": 40, "lr_factor": 0.5, "held_out": 256, "check_every": 100, "drop": 0.02},
     "task": {
         "type": "classification",
         "train": "default",
@@ -258,10 +261,11 @@ def _validate_lora(spec: dict) -> None:
 
 def _validate_fo(spec: dict, given: dict) -> None:
     """method: fo is AdamW through a backward: the trainable set and the objective must have gradients."""
-    if (given.get("guard") or {}).get("rise"):
-        raise SpecError("guard.rise", "the divergence guard rolls back by replaying logged ZO steps, and fo's "
-                        "backprop steps cannot be replayed; leave guard out (it is off for fo)")
-    spec["guard"]["rise"] = 0.0
+    for field in ("rise", "held_out"):
+        if (given.get("guard") or {}).get(field):
+            raise SpecError(f"guard.{field}", "the guard rolls back by replaying logged ZO steps, and fo's "
+                            "backprop steps cannot be replayed; leave guard out (it is off for fo)")
+    spec["guard"]["rise"], spec["guard"]["held_out"] = 0.0, 0
     if spec["optim"]["directions"] != "dense":
         raise SpecError("optim.directions", "method: fo follows the gradient, not perturbation directions, so "
                         f"{spec['optim']['directions']} directions would change nothing it computes; leave "
@@ -289,10 +293,11 @@ def _validate_from_log(spec: dict, given: dict) -> None:
     if spec["trainable"] == "lora":
         raise SpecError("from_log", "trainable: lora draws its adapters from the job's seed, so another job's log "
                         "would be replayed onto different adapters; use full, topK or module names")
-    if (given.get("guard") or {}).get("rise"):
-        raise SpecError("guard.rise", "the divergence guard rolls back by rebuilding from the base model, which "
-                        "would drop the steps of from_log; leave guard out (it is off with from_log)")
-    spec["guard"]["rise"] = 0.0
+    for field in ("rise", "held_out"):
+        if (given.get("guard") or {}).get(field):
+            raise SpecError(f"guard.{field}", "the guard rolls back by rebuilding from the base model, which "
+                            "would drop the steps of from_log; leave guard out (it is off with from_log)")
+    spec["guard"]["rise"], spec["guard"]["held_out"] = 0.0, 0
 
 
 def _validate_hizoo_pseuzo(spec: dict) -> None:
@@ -366,6 +371,9 @@ def validate(given: dict) -> dict:
                         f"needs at least 2 directions per step (8-16 is typical), got {spec['optim']['perturbations']}")
 
     _num(spec, "guard.rise", lo=0.0)  # 0: off
+    _num(spec, "guard.held_out", kind=int, lo=0)  # 0: off
+    _num(spec, "guard.check_every", kind=int, lo=0)
+    _num(spec, "guard.drop", lo=0.0, hi=1.0)
     _num(spec, "guard.span", kind=int, lo=1)
     _num(spec, "guard.lr_factor", lo=0.0, lo_open=True)
     if spec["guard"]["lr_factor"] > 1.0:
@@ -463,6 +471,9 @@ def read_job_spec(job_dir: str | Path) -> dict:
         raise SpecError("<file>", f"{path}: cannot read the job's spec ({e.strerror or e})") from None
     except ValueError as e:
         raise SpecError("<file>", f"{path}: not valid JSON ({e})") from None
+    guard = raw.get("guard") if isinstance(raw, dict) else None
+    if isinstance(guard, dict) and "held_out" not in guard:  # written before the held-out watch existed:
+        guard["held_out"] = 0  # the job ran without it, and its seed-log resumes as it was
     return validate(raw)
 
 
@@ -485,6 +496,9 @@ def spec_hash(spec: dict) -> str:
     task = keep.get("task")
     if isinstance(task, dict) and task.get("train_size") is None:  # as before the field existed
         keep["task"] = {k: v for k, v in task.items() if k != "train_size"}
+    guard = keep.get("guard")
+    if isinstance(guard, dict) and not guard.get("held_out"):  # off: as before the held-out watch existed
+        keep["guard"] = {k: v for k, v in guard.items() if k not in ("held_out", "check_every", "drop")}
     if keep.get("from_log") is None:  # as before the field existed
         keep.pop("from_log", None)
     blob = json.dumps(keep, sort_keys=True, separators=(",", ":"))

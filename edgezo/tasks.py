@@ -245,16 +245,24 @@ class Classification(Task):
         return float(F.cross_entropy(logits, target))
 
     @torch.no_grad()
-    def evaluate(self, examples: list[Example], batch_size: int) -> dict:
+    def evaluate(self, examples: list[Example], batch_size: int, kept: bool = False) -> dict:
+        """Accuracy and loss. `kept`: the examples' features go into (or come from) the feature cache,
+        for sentences scored again and again on a frozen network (the guard's held-out checks, top0)."""
         hits = [False] * len(examples)
         loss_sum = 0.0
+        keep = kept and self.features is not None and self.prefix is not None
         for idx in length_batches(examples, batch_size):
             batch = [examples[i] for i in idx]
+            if keep:  # the next forward captures the kept output, or recalls it when every example has one
+                self.prefix.clear()
+                self._capture_next = True
             logits = self.logits(batch)
             target = torch.tensor([e.label for e in batch], device=logits.device)
             for i, h in zip(idx, (logits.argmax(1) == target).tolist()):
                 hits[i] = bool(h)
             loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        if keep:
+            self.prefix.clear()
         n = max(1, len(examples))
         # per-sentence hits: what a paired interval for "final vs zero-shot" needs (edgezo/report.py)
         return {"accuracy": sum(hits) / n, "loss": loss_sum / n, "n": len(examples),
@@ -330,7 +338,7 @@ class Generation(Task):
         return [self.tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
 
     @torch.no_grad()
-    def evaluate(self, examples: list[Example], batch_size: int) -> dict:
+    def evaluate(self, examples: list[Example], batch_size: int, kept: bool = False) -> dict:
         em = f1 = loss = 0.0
         for idx in length_batches(examples, batch_size):
             batch = [examples[i] for i in idx]

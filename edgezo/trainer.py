@@ -26,7 +26,7 @@ import torch
 from edgezo import seedlog
 from edgezo.data import bucketed_batch, check_fields, data_path, read_rows
 from edgezo.disk import job_disk_use
-from edgezo.guard import DivergenceGuard, Rollback
+from edgezo.guard import LOSS, DivergenceGuard, Rollback, split_held_out
 from edgezo.hizoo import HiZOO
 from edgezo.hooks import TrainerHooks
 from edgezo.jobdir import write_json_atomic
@@ -124,16 +124,21 @@ def build_engine(spec: dict) -> Engine:
         method = ZO_METHODS[spec["method"]](params, perturber, **spec.get(spec["method"], {}), **common)
     engine = Engine(spec, device, model, tok, path, params, perturber, method)
     g = spec["guard"]
-    if g["rise"] > 0:
+    if g["rise"] > 0 or g["held_out"] > 0:
         from edgezo.dizo import Theta0
 
-        engine.guard = DivergenceGuard(rise=g["rise"], span=g["span"], lr_factor=g["lr_factor"])
+        engine.guard = new_guard(spec)
         engine.base = Theta0(path, params)  # read before any resume touches the weights
     if spec.get("from_log"):  # start from a (federation's) seed-log: replayed here, so run, resume and replay agree
         from edgezo.fleet.replay import apply_log
 
         engine.from_log = apply_log(engine, Path(spec["from_log"]))
     return engine
+
+
+def new_guard(spec: dict) -> DivergenceGuard:
+    g = spec["guard"]
+    return DivergenceGuard(rise=g["rise"], span=g["span"], lr_factor=g["lr_factor"], drop=g["drop"])
 
 
 def log_header(engine: Engine) -> dict:
@@ -227,13 +232,18 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
 
 def _replay_guard(engine: Engine, frames: list) -> None:
     """The guard's state after the logged steps: it saw exactly these losses and rollbacks before."""
-    guard = DivergenceGuard(rise=engine.guard.rise, span=engine.guard.span, lr_factor=engine.guard.lr_factor)
+    guard = new_guard(engine.spec)
     for f in frames:
         if f.kind == seedlog.STEP:
             loss = f.data.get("loss")
             guard.observe(f.data["step"], float("nan") if loss is None else loss)
+        elif f.kind == seedlog.CHECK:
+            guard.check(f.data["accuracy"], f.data["loss"])
+        elif f.kind == seedlog.PROJECTION:
+            guard.moved()
         elif f.kind == seedlog.ROLLBACK:
-            guard.rolled_back(Rollback(at=f.data["step"], to=f.data["to"], lr_scale=f.data["lr_scale"]))
+            guard.rolled_back(Rollback(at=f.data["step"], to=f.data["to"], lr_scale=f.data["lr_scale"],
+                                       cause=f.data.get("cause", LOSS)))
     engine.guard = guard
     engine.method.lr = engine.spec["optim"]["lr"] * guard.lr_scale
 
@@ -249,7 +259,9 @@ def roll_back(engine: Engine, rb: Rollback, writer, events: EventLog) -> None:
         engine.clock.taken()
     restore(engine, writer.path)  # the ROLLBACK frame is in: the steps after rb.to no longer count,
     # and the guard is rebuilt from the log (rolled back, lr lowered), as a resume would rebuild it
-    events.emit(Event.ROLLBACK, step=rb.at, to=rb.to, lr=engine.method.lr, best_loss=engine.guard.best,
+    best = engine.guard.best_check()
+    events.emit(Event.ROLLBACK, step=rb.at, to=rb.to, lr=engine.method.lr, cause=rb.cause,
+                best_loss=engine.guard.best, best_accuracy=best.accuracy if best else None,
                 seconds=time.monotonic() - t0)
 
 
@@ -307,15 +319,17 @@ def load_trainable(engine: Engine, path: Path) -> None:
 
 
 @contextmanager
-def _phase(meter: MemoryMeter, events: EventLog, name: str) -> Iterator[None]:
-    """A phase the daemon should see (its memory samples are labelled by it): begin/end events."""
-    events.hooks.on_event("phase", {"phase": name, "state": "begin"})
+def _phase(meter: MemoryMeter, events: EventLog, name: str, what: str | None = None) -> Iterator[None]:
+    """A phase the daemon should see (its memory samples are labelled by it): begin/end events.
+    `what` tells apart phases of one kind (an eval phase that is the guard's held-out check)."""
+    extra = {"what": what} if what else {}
+    events.hooks.on_event("phase", {"phase": name, "state": "begin", **extra})
     try:
         with meter.phase(name):
             yield
     finally:
         release_free_heap()  # what the phase freed leaves the process before the daemon looks again
-        events.hooks.on_event("phase", {"phase": name, "state": "end"})
+        events.hooks.on_event("phase", {"phase": name, "state": "end", **extra})
 
 
 class EventLog:
@@ -375,7 +389,9 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
                              engine.device)
             train_path = data_path(spec["task"]["train"], "train")
             eval_path = data_path(spec["task"]["eval"], "eval")
-            train_rows = read_rows(train_path, "task.train")[: spec["task"]["train_size"]]  # None: every row
+            # the guard's held-out sentences come out of the train split, never out of eval
+            train_rows, held_rows = split_held_out(read_rows(train_path, "task.train"), spec["task"]["train_size"],
+                                                   spec["guard"]["held_out"])
             eval_rows = read_rows(eval_path, "task.eval")
             # every update from here on is timed, a resume's replay included: it is what a replay redoes
             engine.clock = SnapshotClock.from_spec(spec, torch.cuda.synchronize if engine.device.type == "cuda" else None)
@@ -383,11 +399,13 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
             fields = {"task.text_field": spec["task"]["text_field"]}
             check_fields(train_rows, fields, str(train_path))
             train = task.encode(train_rows, str(train_path))
+            held = task.encode(held_rows, str(train_path)) if engine.guard is not None else []
             first = [train[i] for i in bucketed_batch([len(e.ids) for e in train], spec["batch_size"], 0, spec["seed"])]
             if getattr(engine.method, "replayable", True):  # fo runs one forward a step: nothing to share
                 task.prefix = shared_prefix(engine, task, first, events)
                 if task.prefix is not None and task.prefix.cut == task.prefix.blocks and spec["task"]["type"] == "classification":
-                    task.features = FeatureCache(len(train))  # no block trains: a sentence seen once needs no forward again
+                    # no block trains: a sentence seen once needs no forward again (held-out ones too)
+                    task.features = FeatureCache(len(train) + len(held))
             evalset = task.encode(eval_rows[: spec["eval_size"]], str(eval_path)) if spec["eval_size"] else []
             log_path = job_dir / "seedlog.ezl"
             (job_dir / SNAPSHOT_DIR).mkdir(exist_ok=True)
@@ -399,7 +417,7 @@ def run_job(job_dir: Path, hooks: TrainerHooks | None = None, *, progress: bool 
             else:
                 start = 0
                 writer = seedlog.SeedLogWriter.create(log_path, log_header(engine), spec["fsync_every"])
-        report = _train(engine, task, train, evalset, writer, events, meter, hooks, start, job_dir, progress)
+        report = _train(engine, task, train, held, evalset, writer, events, meter, hooks, start, job_dir, progress)
     finally:
         meter.stop()
         memory_log.flush()
@@ -448,7 +466,31 @@ def _evaluate(task, evalset, spec, meter, step: int, events: EventLog, tag: str)
     return metrics
 
 
-def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter: MemoryMeter,
+def _check(engine: Engine, task, held, writer, events: EventLog, meter: MemoryMeter, hooks: TrainerHooks,
+           lease_bytes: int, step: int) -> None:
+    """Score the held-out train sentences on the current weights (an eval's memory, leased like one),
+    log it, and roll back when the guard says so. It always runs when due, waiting for its lease:
+    what it decides changes the weights, so a resumed run must take the same decision."""
+    guard = engine.guard
+    while not hooks.try_lease(Phase.EVAL, lease_bytes):
+        _wait_for_lease(hooks, writer, events, step)
+    try:
+        with _phase(meter, events, Phase.EVAL, what="check"):
+            metrics = task.evaluate(held, engine.spec["batch_size"], kept=True)
+    finally:
+        hooks.release_lease(Phase.EVAL)
+    at, score = guard.at, metrics.get("accuracy", metrics.get("f1"))  # generation: token F1
+    writer.append(seedlog.CHECK, {"step": at, "accuracy": score, "loss": metrics["loss"], "n": metrics["n"]},
+                  sync=True)
+    rb = guard.check(score, metrics["loss"])
+    best = guard.best_check()
+    events.emit(Event.CHECK, step=at, accuracy=score, loss=metrics["loss"], n=metrics["n"],
+                best_step=best.step, best_accuracy=best.accuracy)
+    if rb is not None:
+        roll_back(engine, rb, writer, events)
+
+
+def _train(engine: Engine, task, train, held, evalset, writer, events: EventLog, meter: MemoryMeter,
            hooks: TrainerHooks, start: int, job_dir: Path, progress: bool) -> dict:
     spec = engine.spec
     total, bs = spec["steps"], spec["batch_size"]
@@ -485,6 +527,13 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
             with meter.phase(Phase.LOAD):
                 for s in range(start):
                     task.warm_features([train[i] for i in bucketed_batch(lengths, bs, s, spec["seed"])])
+        every = spec["guard"]["check_every"]
+
+        def check_due(step: int) -> bool:  # the start, and every `every` steps; never twice on the same weights
+            return bool(held) and not engine.guard.checked() and (step == 0 or (every and step % every == 0))
+
+        if check_due(step) and step < total:
+            _check(engine, task, held, writer, events, meter, hooks, lease_bytes, step)
         while step < total:
             if _obey(hooks, writer, events, step) == Control.FINISH:
                 break
@@ -497,7 +546,7 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 engine.clock.add(time.perf_counter() - t_step)
             objective.done()
             finite = all(math.isfinite(g) for g in rec.grads) and math.isfinite(rec.loss)
-            if not finite and (engine.guard is None or engine.guard.best is None):
+            if not finite and (engine.guard is None or not engine.guard.can_roll_back):
                 raise TrainingError(f"step {step}: the loss is not finite (lr {rec.lr}"
                                     + ("" if fo else f", eps {spec['optim']['eps']}")
                                     + "); lower optim.lr or check the data")
@@ -526,6 +575,8 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
             step += 1
             if step < total and engine.clock.due(step):
                 _snapshot(engine, writer, job_dir, step - 1, events)
+            if step < total and check_due(step):
+                _check(engine, task, held, writer, events, meter, hooks, lease_bytes, step)
             if evalset and spec["eval_every"] and step % spec["eval_every"] == 0 and step < total:
                 eval_due = True
             if evalset and step < total and hooks.eval_wanted(step):
@@ -544,6 +595,12 @@ def _train(engine: Engine, task, train, evalset, writer, events: EventLog, meter
                 proj_due -= 1
             else:
                 _wait_for_lease(hooks, writer, events, step)
+        if held and step > 0:  # the job ends on its best held-out check: the last weights are checked too
+            if not engine.guard.checked():
+                _check(engine, task, held, writer, events, meter, hooks, lease_bytes, step)
+            rb = engine.guard.settle()
+            if rb is not None:
+                roll_back(engine, rb, writer, events)
         while evalset and not fo and not hooks.try_lease(Phase.EVAL, lease_bytes):
             _wait_for_lease(hooks, writer, events, step)
     except BaseException:
@@ -628,6 +685,8 @@ def _maybe_project(engine: Engine, task, batch, step: int, writer, events: Event
         if method.heavy:
             hooks.release_lease(Phase.PROJECTION)
     writer.append(seedlog.PROJECTION, projection_frame(rec))
+    if engine.guard is not None:
+        engine.guard.moved()
     events.emit(Event.PROJECTION, step=step, mode=rec.mode, loss_before=rec.loss_before, loss_after=rec.loss_after,
                 ratios=[g / n if n else 1.0 for _, g, n in rec.layers])
     return True
@@ -681,7 +740,9 @@ def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter
                  wall: float, steps_here: int, noise: str) -> dict:
     history = [{"step": e["step"], **{k: v for k, v in e["metrics"].items() if k != "correct"}}
                for e in events.history(Event.EVAL)]
-    rollbacks = [{k: e[k] for k in ("step", "to", "lr", "best_loss")} for e in events.history("rollback")]
+    rollbacks = [{"cause": LOSS, **{k: e[k] for k in ("step", "to", "lr", "cause", "best_loss", "best_accuracy")
+                                    if k in e}} for e in events.history(Event.ROLLBACK)]
+    checks = events.history(Event.CHECK)
     return {
         "name": spec["name"],
         "status": JobState.DONE,
@@ -696,7 +757,11 @@ def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter
         "timing": {"wall_s": wall, "steps_this_run": steps_here,
                    "steps_per_s": steps_here / wall if wall > 0 else None},
         "memory": meter.summary(),
-        "guard": {"rollbacks": len(rollbacks), "events": rollbacks},  # never a silent return to worse weights
+        "guard": {"rollbacks": len(rollbacks), "events": rollbacks,  # never a silent return to worse weights
+                  # the job ends on its best check: `end` scores the weights it exported (after `end_step`)
+                  "held_out": {"n": checks[0]["n"], "checks": len(checks), "start": checks[0]["accuracy"],
+                               "end": checks[-1]["best_accuracy"], "end_step": checks[-1]["best_step"]}
+                  if checks else None},
         "output": str(job_dir / spec["output"]),
         "disk": job_disk_use(job_dir, spec["output"]),  # what the job leaves on disk, by kind
     }

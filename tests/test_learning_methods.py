@@ -122,7 +122,7 @@ def test_guard_rolls_back_a_forced_divergence_and_replay_follows_it(tmp_path, ti
     assert report["guard"]["rollbacks"] == len(rollbacks)
     assert same_tensors(job_weights(job), replayed(tmp_path, job))
 
-    unguarded = make_job(tmp_path, tiny_spec_dict, name="unguarded", **{**DIVERGING, "guard": {"rise": 0}})
+    unguarded = make_job(tmp_path, tiny_spec_dict, name="unguarded", **{**DIVERGING, "guard": {"rise": 0, "held_out": 0}})
     run_job(unguarded)
     mean = lambda j: sum(e["loss"] for e in _events(j, "step")[-6:]) / 6  # noqa: E731
     assert mean(job) < mean(unguarded)

@@ -59,7 +59,7 @@ def fleet_spec(cfg: dict) -> dict:
     if raw.get("noise", "auto") == "auto":  # every device must draw the same directions from the same seeds
         raw["noise"] = "torch"
     guard = dict(raw.get("guard") or {})
-    guard["rise"] = 0.0  # rollbacks rebuild from the base model; a round starts from the log
+    guard["rise"], guard["held_out"] = 0.0, 0  # rollbacks rebuild from the base model; a round starts from the log
     raw["guard"] = guard
     spec = validate(raw)
     load_spec(spec)  # idempotent: what devices validate again is this
