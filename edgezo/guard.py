@@ -8,10 +8,14 @@ weights return to the step where that best was reached and lr is multiplied by `
 The held-out watch. The training loss can hold while accuracy drifts (constant-lr MeZO on top1 went
 from 78.4 % to 75.4 % on dev with a lower dev loss), so the guard also scores a few hundred train
 sentences kept out of training (`held_out`): before the first step, every `check_every` steps and
-after the last. When a check falls `drop` below the best one, the weights return to the best
-checked step and lr is lowered; at the end, they return to the best checked step if the last
-weights are not it. The start is the first check, so a job never ends below its own zero-shot
-accuracy on those sentences. Dev sentences are never used.
+after the last. A few hundred sentences are noisy (±5 points at 256), so "worse" is a paired test on
+the same sentences: a check is worse than the best one when the sentences it lost outnumber those it
+gained by more than `z` standard errors (McNemar's, normal approximation). A worse check sends the
+weights back to the best checked step at a lower lr. At the end the job keeps its last weights
+unless they are worse than the best check, or score below the start; then it returns to the best
+check. The start is the first check, so a job never ends below its own zero-shot accuracy on those
+sentences, and it does not trade its last weights for an earlier check that is better by noise
+alone. Dev sentences are never used.
 
 Either way the weights are rebuilt from the seed-log (no snapshot needed). A ROLLBACK frame records
 each return and a CHECK frame each check, so replay and resume follow the same path: the guard's
@@ -38,11 +42,23 @@ class Rollback:
 @dataclass
 class Check:
     step: int  # the weights after this step (-1: the base weights)
-    accuracy: float
+    accuracy: float  # token F1 for generation
     loss: float
+    correct: str | None = None  # per sentence, "1" right / "0" wrong (classification): for a paired test
 
     def beats(self, other: Check) -> bool:
         return (self.accuracy, -self.loss) > (other.accuracy, -other.loss)
+
+    def worse_than(self, other: Check, z: float) -> bool:
+        """Worse beyond noise: paired over the same sentences when both know which they got right
+        (lost − gained > z·√(lost + gained)); else the accuracies' unpaired standard error."""
+        if self.correct and other.correct and len(self.correct) == len(other.correct):
+            lost = sum(1 for a, b in zip(other.correct, self.correct) if a == "1" and b == "0")
+            gained = sum(1 for a, b in zip(other.correct, self.correct) if a == "0" and b == "1")
+            return lost - gained > z * math.sqrt(lost + gained)
+        n = len(self.correct or "") or 256
+        p = (self.accuracy + other.accuracy) / 2
+        return other.accuracy - self.accuracy > z * math.sqrt(max(2 * p * (1 - p) / n, 1e-12))
 
 
 def split_held_out(rows: list, train_size: int | None, n: int) -> tuple[list, list]:
@@ -58,8 +74,8 @@ def split_held_out(rows: list, train_size: int | None, n: int) -> tuple[list, li
 
 
 class DivergenceGuard:
-    def __init__(self, *, rise: float, span: int, lr_factor: float, drop: float = 0.0):
-        self.rise, self.span, self.lr_factor, self.drop = rise, span, lr_factor, drop
+    def __init__(self, *, rise: float, span: int, lr_factor: float, z: float = 1.96):
+        self.rise, self.span, self.lr_factor, self.z = rise, span, lr_factor, z
         self.alpha = 2.0 / (span + 1)
         self.ema: float | None = None
         self.seen = 0  # steps averaged since the start or the last rollback
@@ -121,22 +137,25 @@ class DivergenceGuard:
         """The weights changed without a step (a DiZO projection): their check no longer holds."""
         self.checks.pop(self.at, None)
 
-    def check(self, accuracy: float, loss: float) -> Rollback | None:
-        """A held-out check of the current weights; a Rollback when it falls `drop` below the best."""
+    def check(self, accuracy: float, loss: float, correct: str | None = None) -> Rollback | None:
+        """A held-out check of the current weights; a Rollback when it is worse than the best one."""
         best = self.best_check()
-        self.checks[self.at] = Check(self.at, accuracy, loss)
+        now = self.checks[self.at] = Check(self.at, accuracy, loss, correct)
         self.pending = None
-        if best is not None and accuracy < best.accuracy - self.drop:
+        if best is not None and now.worse_than(best, self.z):
             self.pending = Rollback(at=self.at, to=best.step, lr_scale=self.lr_scale * self.lr_factor, cause=HELD_OUT)
         return self.pending
 
     def settle(self) -> Rollback | None:
-        """At the end: back to the best checked weights unless they are the current ones (lr unchanged)."""
-        best = self.best_check()
-        if best is None or best.step == self.at:
+        """At the end (the current weights checked): back to the best check when the current weights
+        are worse than it or below the start; lr unchanged."""
+        best, now, start = self.best_check(), self.checks.get(self.at), self.checks.get(-1)
+        if best is None or now is None or best.step == self.at:
             return None
-        self.pending = Rollback(at=self.at, to=best.step, lr_scale=self.lr_scale, cause=END)
-        return self.pending
+        if now.worse_than(best, self.z) or (start is not None and start.beats(now)):
+            self.pending = Rollback(at=self.at, to=best.step, lr_scale=self.lr_scale, cause=END)
+            return self.pending
+        return None
 
     def rolled_back(self, rb: Rollback) -> None:
         """The weights are back at `rb.to`; checks of weights the log no longer reaches are dropped."""

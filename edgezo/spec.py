@@ -73,8 +73,9 @@ DEFAULTS: dict[str, Any] = {
     # (relative) above its best, roll back to that best step and multiply lr by lr_factor. It also
     # scores `held_out` train sentences kept out of training (at most a fifth of the split) at the
     # start, every `check_every` steps (0: only at the start and the end) and at the end: a check
-    # `drop` below the best rolls back there (lr lowered too), and the job ends on its best check.
-    "guard": {"rise": 0.25, "span": 40, "lr_factor": 0.5, "held_out": 256, "check_every": 100, "drop": 0.02},
+    # worse than the best one by `z` paired standard errors rolls back there (lr lowered too); the job
+    # ends on its last weights unless they are worse than the best check or below the start.
+    "guard": {"rise": 0.25, "span": 40, "lr_factor": 0.5, "held_out": 256, "check_every": 100, "z": 1.96},
     "task": {
         "type": "classification",
         "train": "default",
@@ -373,7 +374,7 @@ def validate(given: dict) -> dict:
     _num(spec, "guard.rise", lo=0.0)  # 0: off
     _num(spec, "guard.held_out", kind=int, lo=0)  # 0: off
     _num(spec, "guard.check_every", kind=int, lo=0)
-    _num(spec, "guard.drop", lo=0.0, hi=1.0)
+    _num(spec, "guard.z", lo=0.0)
     _num(spec, "guard.span", kind=int, lo=1)
     _num(spec, "guard.lr_factor", lo=0.0, lo_open=True)
     if spec["guard"]["lr_factor"] > 1.0:
@@ -498,7 +499,7 @@ def spec_hash(spec: dict) -> str:
         keep["task"] = {k: v for k, v in task.items() if k != "train_size"}
     guard = keep.get("guard")
     if isinstance(guard, dict) and not guard.get("held_out"):  # off: as before the held-out watch existed
-        keep["guard"] = {k: v for k, v in guard.items() if k not in ("held_out", "check_every", "drop")}
+        keep["guard"] = {k: v for k, v in guard.items() if k not in ("held_out", "check_every", "z")}
     if keep.get("from_log") is None:  # as before the field existed
         keep.pop("from_log", None)
     blob = json.dumps(keep, sort_keys=True, separators=(",", ":"))

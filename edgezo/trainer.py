@@ -138,7 +138,7 @@ def build_engine(spec: dict) -> Engine:
 
 def new_guard(spec: dict) -> DivergenceGuard:
     g = spec["guard"]
-    return DivergenceGuard(rise=g["rise"], span=g["span"], lr_factor=g["lr_factor"], drop=g["drop"])
+    return DivergenceGuard(rise=g["rise"], span=g["span"], lr_factor=g["lr_factor"], z=g["z"])
 
 
 def log_header(engine: Engine) -> dict:
@@ -238,7 +238,7 @@ def _replay_guard(engine: Engine, frames: list) -> None:
             loss = f.data.get("loss")
             guard.observe(f.data["step"], float("nan") if loss is None else loss)
         elif f.kind == seedlog.CHECK:
-            guard.check(f.data["accuracy"], f.data["loss"])
+            guard.check(f.data["accuracy"], f.data["loss"], f.data.get("correct"))
         elif f.kind == seedlog.PROJECTION:
             guard.moved()
         elif f.kind == seedlog.ROLLBACK:
@@ -480,9 +480,10 @@ def _check(engine: Engine, task, held, writer, events: EventLog, meter: MemoryMe
     finally:
         hooks.release_lease(Phase.EVAL)
     at, score = guard.at, metrics.get("accuracy", metrics.get("f1"))  # generation: token F1
-    writer.append(seedlog.CHECK, {"step": at, "accuracy": score, "loss": metrics["loss"], "n": metrics["n"]},
-                  sync=True)
-    rb = guard.check(score, metrics["loss"])
+    correct = metrics.get("correct")  # which sentences it got right: the guard compares checks paired
+    writer.append(seedlog.CHECK, {"step": at, "accuracy": score, "loss": metrics["loss"], "n": metrics["n"],
+                                  **({"correct": correct} if correct else {})}, sync=True)
+    rb = guard.check(score, metrics["loss"], correct)
     best = guard.best_check()
     events.emit(Event.CHECK, step=at, accuracy=score, loss=metrics["loss"], n=metrics["n"],
                 best_step=best.step, best_accuracy=best.accuracy)
@@ -758,13 +759,22 @@ def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter
                    "steps_per_s": steps_here / wall if wall > 0 else None},
         "memory": meter.summary(),
         "guard": {"rollbacks": len(rollbacks), "events": rollbacks,  # never a silent return to worse weights
-                  # the job ends on its best check: `end` scores the weights it exported (after `end_step`)
-                  "held_out": {"n": checks[0]["n"], "checks": len(checks), "start": checks[0]["accuracy"],
-                               "end": checks[-1]["best_accuracy"], "end_step": checks[-1]["best_step"]}
-                  if checks else None},
+                  "held_out": held_out_summary(checks, rollbacks)},
         "output": str(job_dir / spec["output"]),
         "disk": job_disk_use(job_dir, spec["output"]),  # what the job leaves on disk, by kind
     }
+
+
+def held_out_summary(checks: list[dict], rollbacks: list[dict]) -> dict | None:
+    """The guard's held-out scores: at the start, and of the weights the job ended on (`end`,
+    after step `end_step`): its last check's, or the check it returned to at the end."""
+    if not checks:
+        return None
+    ended = [r["to"] for r in rollbacks if r.get("cause") == "end"]
+    end_step = ended[-1] if ended else checks[-1]["step"]
+    end = next(c for c in reversed(checks) if c["step"] == end_step)
+    return {"n": checks[0]["n"], "checks": len(checks), "start": checks[0]["accuracy"],
+            "end": end["accuracy"], "end_step": end_step}
 
 
 def prepare_job_dir(job_dir: Path, spec: dict) -> Path:

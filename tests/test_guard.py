@@ -31,94 +31,140 @@ def test_held_out_rows_come_after_the_pool_or_off_the_end_and_never_more_than_a_
 
 
 def _guard() -> DivergenceGuard:
-    return DivergenceGuard(rise=0.0, span=4, lr_factor=0.5, drop=0.02)
+    return DivergenceGuard(rise=0.0, span=4, lr_factor=0.5, z=1.96)
 
 
-def test_a_check_that_falls_below_the_best_returns_there_at_a_lower_lr():
+def hits(right: range | set, n: int = 100) -> str:
+    """A check's per-sentence record: which of n held-out sentences it got right."""
+    return "".join("1" if i in right else "0" for i in range(n))
+
+
+def test_a_check_worse_than_the_best_beyond_noise_returns_there_at_a_lower_lr():
     g = _guard()
-    assert g.check(0.70, 0.60) is None  # the start (step -1)
+    assert g.check(0.70, 0.60, hits(range(70))) is None  # the start (step -1)
     for s in range(10):
         g.observe(s, 0.5)
-    assert g.check(0.75, 0.50) is None
+    assert g.check(0.75, 0.50, hits(range(75))) is None
     for s in range(10, 20):
         g.observe(s, 0.5)
-    assert g.check(0.74, 0.49) is None  # within `drop` of the best: keep going
+    # 4 sentences lost, 1 gained against the best: 3 < 1.96·√5, noise
+    assert g.check(0.72, 0.49, hits(set(range(71)) | {80})) is None
     for s in range(20, 30):
         g.observe(s, 0.5)
-    rb = g.check(0.70, 0.48)
+    rb = g.check(0.60, 0.48, hits(range(60)))  # 15 lost, none gained: 15 > 1.96·√15
     assert rb == Rollback(at=29, to=9, lr_scale=0.5, cause=HELD_OUT)
     g.rolled_back(rb)
     assert g.at == 9 and sorted(g.checks) == [-1, 9]  # the checks of steps 10..29 no longer exist
     for s in range(30, 40):
         g.observe(s, 0.5)
-    assert g.check(0.745, 0.47) is None
-    assert g.settle() == Rollback(at=39, to=9, lr_scale=0.5, cause=END)  # the end: back to the best, lr kept
+    assert g.check(0.73, 0.47, hits(range(73))) is None
+    assert g.settle() is None  # the end: the last weights stay, 2 sentences behind the best is noise
 
 
-def test_the_start_is_a_candidate_and_a_loss_rollback_forgets_checks_it_undoes():
+def test_the_end_returns_to_the_best_check_when_the_last_is_worse_or_below_the_start():
     g = _guard()
-    g.check(0.70, 0.60)
+    g.check(0.70, 0.60, hits(range(70)))
+    g.observe(0, 0.5)
+    g.check(0.90, 0.30, hits(range(90)))
+    g.observe(1, 0.5)
+    g.check(0.80, 0.40, hits(range(80)))  # 10 lost: worse, but the check's own return is the trainer's to take
+    assert g.settle() == Rollback(at=1, to=0, lr_scale=1.0, cause=END)  # the end: back, lr kept
+    h = _guard()
+    h.check(0.70, 0.60, hits(range(70)))
+    h.observe(0, 0.5)
+    h.check(0.69, 0.61, hits(range(69)))  # one sentence behind the start: noise, but below it
+    assert h.settle() == Rollback(at=0, to=-1, lr_scale=1.0, cause=END)  # never below the start
+    k = _guard()
+    k.check(0.70, 0.60, hits(range(70)))
+    k.observe(0, 0.5)
+    k.check(0.70, 0.55, hits(range(70)))  # equal accuracy, lower loss: better
+    assert k.settle() is None and k.best_check().step == 0
+
+
+def test_a_loss_rollback_forgets_the_checks_it_undoes():
+    g = _guard()
+    g.check(0.70, 0.60, hits(range(70)))
     for s in range(10):
         g.observe(s, 0.5)
-    g.check(0.80, 0.40)
+    g.check(0.80, 0.40, hits(range(80)))
     g.rolled_back(Rollback(at=15, to=5, lr_scale=0.5))  # the loss watch went back before step 9's check
     assert sorted(g.checks) == [-1]
     g.observe(16, 0.5)
+    g.check(0.60, 0.70, hits(range(60)))
     assert g.settle().to == -1  # the only weights still reachable that were checked: the start
-    h = _guard()
-    h.check(0.70, 0.60)
-    h.observe(0, 0.5)
-    h.check(0.70, 0.55)  # equal accuracy, lower loss: better
-    assert h.settle() is None and h.best_check().step == 0
+
+
+def test_without_per_sentence_hits_the_unpaired_error_decides():
+    g = _guard()
+    g.check(0.50, 1.0)  # generation: token F1, no per-sentence record
+    g.observe(0, 0.5)
+    assert g.check(0.49, 1.0) is None  # a point below, within the noise of 256 sentences
+    g.observe(1, 0.5)
+    assert g.check(0.30, 1.0).cause == HELD_OUT
 
 
 # -- on the tiny model -------------------------------------------------------------------------------
 
-# lr 3 on every weight overshoots; the loss watch is off, so only the held-out watch can notice
-DRIFTING = dict(method="fzoo", trainable="full", steps=24, eval_size=16, eval_every=0, snapshot_every=0,
-                optim={"lr": 3.0, "eps": 1e-3, "perturbations": 4},
-                guard={"rise": 0, "held_out": 12, "check_every": 4, "drop": 0.0})
+# The held-out sentences disagree with the training ones (their labels are flipped, a shift between
+# what trains and what the user cares about): as the model learns the training rows, it gets the
+# held-out ones wrong, clearly, and only the held-out watch can see it (the loss watch is off).
+DRIFTING = dict(method="fzoo", trainable="top1", steps=30, eval_size=16, eval_every=0, snapshot_every=0,
+                optim={"lr": 0.05, "eps": 1e-3, "perturbations": 8},
+                guard={"rise": 0, "held_out": 40, "check_every": 5})
 
 
-def _score_held_out(job) -> float:
+@pytest.fixture
+def drifting(tiny_spec_dict, tmp_path):
+    from edgezo.testing.tiny import write_reviews
+
+    train = write_reviews(tmp_path / "data" / "train200.jsonl", 200, seed=3)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    for row in rows[160:]:  # the last 40 rows are the held-out ones
+        row["label"] = {"fresh": "rotten", "rotten": "fresh"}[row["label"]]
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {**tiny_spec_dict, **DRIFTING, "task": {**tiny_spec_dict["task"], "train": str(train)}}
+
+
+def _score_held_out(job, n: int = 40) -> float:
     """The held-out accuracy of the model a job exported, scored afresh from its output directory."""
     from edgezo.data import read_rows
     from edgezo.tasks import make_task
     from edgezo.trainer import build_engine
 
     spec = json.loads((job / "spec.json").read_text())
-    engine = build_engine(load_spec({**spec, "model": str(job / spec["output"])}))
+    engine = build_engine(load_spec({**spec, "model": str(job / spec["output"]), "trainable": "full"}))
     task = make_task(spec["task"], engine.model, engine.tokenizer, engine.perturber, spec["max_length"], engine.device)
-    _, held = split_held_out(read_rows(spec["task"]["train"], "t"), spec["task"]["train_size"], spec["guard"]["held_out"])
+    _, held = split_held_out(read_rows(spec["task"]["train"], "t"), spec["task"]["train_size"], n)
     return task.evaluate(task.encode(held, "t"), spec["batch_size"])["accuracy"]
 
 
-def test_a_drifting_job_ends_on_its_best_held_out_check_and_replay_follows(tmp_path, tiny_spec_dict):
-    job = make_job(tmp_path, tiny_spec_dict, **DRIFTING)
+def test_a_drifting_job_goes_back_and_never_ends_below_its_start_and_replay_follows(tmp_path, drifting):
+    job = make_job(tmp_path, drifting)
     report = run_job(job)
     checks, rollbacks = _events(job, "check"), _events(job, "rollback")
-    assert checks[0]["step"] == -1 and checks[0]["n"] == 12
-    assert any(c["accuracy"] < checks[0]["accuracy"] for c in checks), "lr 3 should have drifted below the start"
-    assert rollbacks and {r["cause"] for r in rollbacks} <= {HELD_OUT, END}
+    assert checks[0]["step"] == -1 and checks[0]["n"] == 40
+    assert any(r["cause"] == HELD_OUT for r in rollbacks), "the held-out score should have fallen clearly"
     h = report["guard"]["held_out"]
-    assert h["end"] == max(c["accuracy"] for c in checks) and h["end"] >= h["start"]
-    assert _score_held_out(job) == h["end"]  # what it exported is the best checked model
+    assert h["end"] >= h["start"]
+    assert _score_held_out(job) == h["end"]  # what it exported is what the guard scored last
     assert same_tensors(job_weights(job), replayed(tmp_path, job))
-    again = make_job(tmp_path, tiny_spec_dict, name="again", **DRIFTING)
+    again = make_job(tmp_path, drifting, name="again")
     run_job(again)  # deterministic, returns included
     assert same_tensors(job_weights(job), job_weights(again))
 
-    unguarded = make_job(tmp_path, tiny_spec_dict, name="unguarded", **{**DRIFTING, "guard": {"rise": 0, "held_out": 0}})
+    same_rows = {**drifting["task"], "train_size": 160}  # the same 160 training rows, nothing held out
+    unguarded = make_job(tmp_path, {**drifting, "guard": {"rise": 0, "held_out": 0}, "task": same_rows},
+                         name="unguarded")
     free = run_job(unguarded)
     assert free["guard"]["held_out"] is None
-    assert report["metrics"]["final"]["loss"] < free["metrics"]["final"]["loss"]
+    assert _score_held_out(unguarded) < h["start"] <= h["end"]  # unguarded, it ends below its start
 
 
-def test_resume_across_a_held_out_return_equals_an_uninterrupted_run(tmp_path, tiny_spec_dict):
-    ref = make_job(tmp_path, tiny_spec_dict, name="ref", **DRIFTING)
+def test_resume_across_a_held_out_return_equals_an_uninterrupted_run(tmp_path, drifting):
+    ref = make_job(tmp_path, drifting, name="ref")
     run_job(ref)
     first = next(r["step"] for r in _events(ref, "rollback"))
-    job = make_job(tmp_path, tiny_spec_dict, name="paused", **DRIFTING)
+    job = make_job(tmp_path, drifting, name="paused")
     with pytest.raises(Paused):
         run_job(job, PauseAt(min(first + 2, DRIFTING["steps"] - 1)))
     run_job(job)
@@ -126,19 +172,19 @@ def test_resume_across_a_held_out_return_equals_an_uninterrupted_run(tmp_path, t
     assert [(e["step"], e["to"]) for e in _events(job, "rollback")] == [(e["step"], e["to"]) for e in _events(ref, "rollback")]
 
 
-def test_the_report_says_what_the_guard_did(tmp_path, tiny_spec_dict):
+def test_the_report_says_what_the_guard_did(tmp_path, drifting):
     from edgezo.report import render
 
-    job = make_job(tmp_path, tiny_spec_dict, **DRIFTING)
+    job = make_job(tmp_path, drifting)
     text = render(run_job(job))
-    assert "held-out   12 train sentences kept out of training" in text
-    assert "the job ends on its best held-out check" in text or "the held-out score fell" in text
+    assert "held-out   40 train sentences kept out of training" in text
+    assert "the held-out score fell" in text
 
 
 def test_held_out_fields_are_checked_and_off_where_nothing_can_be_replayed(tiny_spec_dict):
     for bad, field in (({"guard": {"held_out": -1}}, "guard.held_out"), ({"guard": {"check_every": 1.5}},
                                                                           "guard.check_every"),
-                       ({"guard": {"drop": 2}}, "guard.drop"),
+                       ({"guard": {"z": -1}}, "guard.z"),
                        ({"method": "fo", "trainable": "lora", "guard": {"held_out": 64}}, "guard.held_out")):
         with pytest.raises(SpecError) as e:
             load_spec({**tiny_spec_dict, **bad})
@@ -155,7 +201,7 @@ def test_a_job_written_before_the_held_out_watch_resumes_without_it(tmp_path, ti
 
     job = make_job(tmp_path, tiny_spec_dict, steps=4)
     spec = json.loads((job / "spec.json").read_text())
-    for k in ("held_out", "check_every", "drop"):
+    for k in ("held_out", "check_every", "z"):
         del spec["guard"][k]
     (job / "spec.json").write_text(json.dumps(spec))
     again = read_job_spec(job)
