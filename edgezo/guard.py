@@ -2,8 +2,11 @@
 
 The loss watch. ZO at a too-large lr looks fine for a while and then falls apart (ANCHORS: norms at
 lr 1e-3 held 45 steps, then went from 78 % to 51 %). The guard keeps an exponential moving average
-of each step's loss. Once the average rises `rise` (relative) above the best average seen, the
-weights return to the step where that best was reached and lr is multiplied by `lr_factor`.
+of each step's loss. Once the average rises `rise` (relative) above the best average seen, and by
+more than NOISE standard errors of the average (batch losses scatter; over thousands of steps the
+best average is itself a low excursion, and a run at lr ~0 once tripped every 15 steps on noise
+alone), the weights return to the step where that best was reached and lr is multiplied by
+`lr_factor`.
 
 The held-out watch. The training loss can hold while accuracy drifts (constant-lr MeZO on top1 went
 from 78.4 % to 75.4 % on dev with a lower dev loss), so the guard also scores a few hundred train
@@ -29,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 LOSS, HELD_OUT, END = "loss", "held_out", "end"  # why the weights went back (a ROLLBACK frame's "cause")
+NOISE = 8.0  # a rise of the loss average counts beyond this many of its standard errors only
 
 
 @dataclass
@@ -78,8 +82,10 @@ class DivergenceGuard:
         self.rise, self.span, self.lr_factor, self.z = rise, span, lr_factor, z
         self.alpha = 2.0 / (span + 1)
         self.ema: float | None = None
+        self.var = 0.0  # exponentially weighted variance of the step losses around their average
         self.seen = 0  # steps averaged since the start or the last rollback
         self.best: float | None = None
+        self.best_se = 0.0  # the standard error of the loss average when the best was reached
         self.best_step = -1
         self.anchored = False  # a held-out return set best_step: a non-finite loss can go back there
         self.lr_scale = 1.0
@@ -108,14 +114,20 @@ class DivergenceGuard:
             return None
         if not math.isfinite(loss):
             return self._trip(step) if self.can_roll_back else None
-        self.ema = loss if self.ema is None else self.ema + self.alpha * (loss - self.ema)
+        if self.ema is None:
+            self.ema = loss
+        else:
+            d = loss - self.ema
+            self.ema += self.alpha * d
+            self.var = (1 - self.alpha) * (self.var + self.alpha * d * d)
         self.seen += 1
         if self.seen < max(1, self.span // 2):  # too few losses for the average to mean anything
             return None
-        if self.best is None or self.ema < self.best:
+        if self.best is None or self.ema < self.best:  # its standard error then: a divergence inflates later ones
             self.best, self.best_step = self.ema, step
+            self.best_se = math.sqrt(self.var * self.alpha / (2 - self.alpha))
             return None
-        if self.ema > self.best + self.rise * abs(self.best):
+        if self.ema > self.best + max(self.rise * abs(self.best), NOISE * self.best_se):
             return self._trip(step)
         return None
 
