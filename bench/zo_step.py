@@ -13,8 +13,9 @@ Times (medians after warm-up, variants interleaved round by round so machine noi
   edgezo-N  edgezo's MeZO step with noise stream N (on-the-fly perturbation, 3 noise passes,
             last-position logits); "torch": chunked torch.Generator, "philox": fused Triton kernels
   edgezo-N-lowrank  the same with low-rank directions (optim.directions: lowrank, --rank r): each
-            Linear weight's z = U·Vᵀ/√r is applied inside the forward as α·(x·V)·Uᵀ/√r; embeddings
-            and 1-D tensors keep stream N's dense noise
+            Linear weight's z = U·Vᵀ/√r is applied inside the forward as α·(x·V)·Uᵀ/√r, the token
+            table's as its looked-up rows' U[ids]·Vᵀ/√r; OPT's learned positions (an Embedding
+            subclass) and 1-D tensors keep stream N's dense noise
 Random numbers per step: elements drawn through Tensor.normal_ during one step, all passes (torch
 generators only: philox draws inside its kernels, so its rows show the count of its torch-drawn part,
 i.e. the low-rank factors); "per direction" is how many random numbers define one direction.

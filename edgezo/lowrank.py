@@ -1,17 +1,22 @@
 """Direction kinds: which direction parameter p gets at step seed s (`optim.directions`).
 
 * "dense" (the default): z is the noise stream's Gaussian tensor (edgezo/noise.py), as ever.
-* "lowrank" (LOZO/SubZero-style): for the weight W (out × in) of an `nn.Linear`, z = U·Vᵀ/√r with
-  U (out × r) and V (in × r) standard normal, so every entry of z has variance 1 like a dense z (yet
-  a rank-1 z has spectral norm ~√(out·in), not ~√out+√in, so it moves a layer's output more and wants
-  a smaller lr: about 5× on the tiny test model). U and V come from a torch.Generator on W's device seeded by
+* "lowrank" (LOZO/SubZero-style): for a 2-D weight W (out × in) of an `nn.Linear`, or a table of an
+  `nn.Embedding` (rows × dim, a tied embedding/head table included), z = U·Vᵀ/√r with U (out × r)
+  and V (in × r) standard normal, so every entry of z has variance 1 like a dense z (yet a rank-1 z
+  has spectral norm ~√(out·in), not ~√out+√in, so it moves a layer's output more and wants a smaller
+  lr: about 5× on the tiny test model). U and V come from a torch.Generator on W's device seeded by
   mix(s, p.index, LOWRANK_SALT), a pure function of (seed, parameter) apart from the dense stream's
-  mix(s, p.index). Every other trainable tensor (embeddings, tied embedding/head tables, norms,
-  biases, int8 row scales, any 1-D tensor) keeps the dense stream, whichever it is (torch or philox:
-  U and V are always drawn with torch generators, on any device).
+  mix(s, p.index). Every other trainable tensor (norms, biases, int8 row scales, any 1-D tensor, an
+  Embedding or Linear subclass with its own forward such as OPT's learned positions) keeps the dense
+  stream, whichever it is (torch or philox: U and V are always drawn with torch generators, on any
+  device). Seed-logs written before tables went low-rank (no `lowrank_tables` in their header) replay
+  with `tables=False`: tables on the dense stream, as they were written.
 
 A low-rank direction is never materialised for a perturbed forward: the Perturber leaves W in place
-and adds α·((x·V)·Uᵀ)/√r to the Linear's output (`forward_term`). The update (the only write a step
+and adds α·((x·V)·Uᵀ)/√r to the Linear's output (`forward_term`); an embedding lookup returns the looked-up
+rows θ[ids] + α·U[ids]·Vᵀ/√r (`rows`), so a 50k-row table costs r·(rows + dim) random numbers, not a
+dense pass over it. The update (the only write a step
 makes) is θ ← θ + α/√r · Σ_k u_k v_kᵀ as one fused elementwise pass per rank (addcmul: θ_ij + c·u_i·v_j;
 no matmul, so no BLAS summation order to depend on): in place for fp32 θ (one fp32 rounding per rank),
 and for fp16/bf16 θ into an
@@ -42,11 +47,16 @@ CHUNK_ELEMENTS = 1 << 20
 LOWRANK_SALT = 0x10A7_2A4C  # a third mixed part: mix(s, i, SALT) is a different stream from mix(s, i)
 
 
-def lowrank_eligible(p: ZOParam) -> bool:
+def lowrank_eligible(p: ZOParam, tables: bool = True) -> bool:
     """A 2-D weight every owner of which is a plain nn.Linear's `weight` (peft's lora_A/lora_B
-    included; a weight tied to an embedding table, or a Linear subclass with its own forward, is not)."""
-    return p.param.dim() == 2 and bool(p.owners) and all(type(m) is nn.Linear and a == "weight"
-                                                         for m, a in p.owners)
+    included) or, with `tables`, a plain nn.Embedding's (no max_norm: its lookup is its table's rows),
+    so a tied embedding/head table qualifies. A subclass with its own forward does not."""
+    def plain(m: nn.Module, attr: str) -> bool:
+        if attr != "weight":
+            return False
+        return type(m) is nn.Linear or (tables and type(m) is nn.Embedding and m.max_norm is None)
+
+    return p.param.dim() == 2 and bool(p.owners) and all(plain(m, a) for m, a in p.owners)
 
 
 def factors(p: ZOParam, seed: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,11 +131,11 @@ class LowRankDirections:
 
     kind = "lowrank"
 
-    def __init__(self, stream: Noise, params: list[ZOParam], rank: int):
+    def __init__(self, stream: Noise, params: list[ZOParam], rank: int, tables: bool = True):
         if rank < 1:
             raise ValueError(f"optim.rank must be >= 1, got {rank}")
-        self.stream, self.rank = stream, int(rank)
-        self._lowrank = {p.index for p in params if lowrank_eligible(p)}
+        self.stream, self.rank, self.tables = stream, int(rank), tables
+        self._lowrank = {p.index for p in params if lowrank_eligible(p, tables)}
 
     @property
     def name(self) -> str:  # the dense stream's name: what the seed-log's "noise" key pins
@@ -162,7 +172,8 @@ class LowRankDirections:
         return sum(self.rank * sum(p.param.shape) if self.is_lowrank(p) else p.param.numel() for p in params)
 
 
-def with_directions(kind: str, stream: Noise | LowRankDirections, params: list[ZOParam], rank: int = 1):
+def with_directions(kind: str, stream: Noise | LowRankDirections, params: list[ZOParam], rank: int = 1,
+                    tables: bool = True):
     """The object a Perturber calls `noise`: the stream itself for "dense", else a LowRankDirections
     around it (a LowRankDirections given as `stream` is unwrapped first, so re-wrapping is safe)."""
     if isinstance(stream, LowRankDirections):
@@ -170,7 +181,7 @@ def with_directions(kind: str, stream: Noise | LowRankDirections, params: list[Z
     if kind == "dense":
         return stream
     if kind == "lowrank":
-        return LowRankDirections(stream, params, rank)
+        return LowRankDirections(stream, params, rank, tables)
     raise ValueError(f"optim.directions: unknown kind {kind!r} (known: {', '.join(DIRECTIONS)})")
 
 

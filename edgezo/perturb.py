@@ -48,12 +48,14 @@ class Perturber:
     """Installs the hooks once; `active(seed, alpha)` turns the perturbation on for a forward.
 
     `directions` ("dense" | "lowrank") and `rank` fix the direction kind for the Perturber's life;
-    assigning a stream to `noise` later (resume adopting the logged stream) keeps the kind."""
+    assigning a stream to `noise` later (resume adopting the logged stream) keeps the kind.
+    `lowrank_tables=False` keeps embedding tables on the dense stream, as seed-logs written before
+    tables went low-rank did (`use_lowrank_tables`)."""
 
     def __init__(self, params: list[ZOParam], noise: Noise | None = None, directions: str = "dense",
-                 rank: int = 1):
+                 rank: int = 1, lowrank_tables: bool = True):
         self.params = params
-        self.directions, self.rank = directions, rank
+        self.directions, self.rank, self.lowrank_tables = directions, rank, lowrank_tables
         self.noise = noise or TorchNoise()
         self.seed: int | None = None
         self.alpha = 0.0
@@ -65,14 +67,12 @@ class Perturber:
         for p in params:
             for module, attr in p.owners:
                 owned.setdefault(module, []).append((attr, p))
-        is_lowrank = getattr(self.noise, "is_lowrank", lambda p: False)
         for module, attrs in owned.items():
             if type(module) is nn.Embedding and module.max_norm is None and [a for a, _ in attrs] == ["weight"]:
                 self._handles.append(module.register_forward_hook(self._embedding_hook(attrs[0][1])))
             else:
-                low = [(a, p) for a, p in attrs if is_lowrank(p)]  # a plain Linear's weight, at most one
-                self._handles.append(module.register_forward_pre_hook(self._swap_in(module, attrs, low)))
-                self._handles.append(module.register_forward_hook(self._swap_out(module, attrs, low)))
+                self._handles.append(module.register_forward_pre_hook(self._swap_in(attrs)))
+                self._handles.append(module.register_forward_hook(self._swap_out(attrs)))
 
     @property
     def noise(self):
@@ -81,7 +81,17 @@ class Perturber:
 
     @noise.setter
     def noise(self, stream) -> None:
-        self._noise = with_directions(self.directions, stream, self.params, self.rank)
+        self._noise = with_directions(self.directions, stream, self.params, self.rank, self.lowrank_tables)
+
+    def use_lowrank_tables(self, on: bool) -> None:
+        """Whether embedding tables take low-rank directions (a seed-log's header says which)."""
+        self.lowrank_tables = on
+        self.noise = self._noise
+
+    def _lowrank_of(self, attrs: list[tuple[str, ZOParam]]) -> list[tuple[str, ZOParam]]:
+        """Which of a module's parameters take low-rank directions now (a plain Linear's weight, at most one)."""
+        is_lowrank = getattr(self._noise, "is_lowrank", None)
+        return [(a, p) for a, p in attrs if is_lowrank(p)] if is_lowrank else []
 
     def remove(self) -> None:
         for h in self._handles:
@@ -151,13 +161,13 @@ class Perturber:
 
         return hook
 
-    def _swap_in(self, module: nn.Module, attrs: list[tuple[str, ZOParam]], low: list[tuple[str, ZOParam]]):
-        low_attrs = {a for a, _ in low}
-        swapped = [(a, p) for a, p in attrs if a not in low_attrs]  # low-rank weights stay in place
-
+    def _swap_in(self, attrs: list[tuple[str, ZOParam]]):
         def hook(mod: nn.Module, args: tuple) -> None:
             if self.seed is not None:
-                for attr, p in swapped:
+                low = {a for a, _ in self._lowrank_of(attrs)}
+                for attr, p in attrs:
+                    if attr in low:  # low-rank weights stay in place: _swap_out adds their term
+                        continue
                     buf = self.noise.add_into(self.pool.take(p.param), p, self.seed, self.alpha)
                     mod._parameters[attr] = buf  # plain tensor for this forward only
             elif self.override is not None:
@@ -168,7 +178,7 @@ class Perturber:
 
         return hook
 
-    def _swap_out(self, module: nn.Module, attrs: list[tuple[str, ZOParam]], low: list[tuple[str, ZOParam]]):
+    def _swap_out(self, attrs: list[tuple[str, ZOParam]]):
         def hook(mod: nn.Module, args: tuple, output):
             for attr, p in attrs:
                 cur = mod._parameters[attr]
@@ -176,11 +186,10 @@ class Perturber:
                     mod._parameters[attr] = p.param
                     if self.seed is not None:
                         self.pool.give(cur)
-            if self.seed is not None and low and args:
-                for _, p in low:
-                    output = self.noise.forward_term(p, self.seed, self.alpha, args[0], output)
-                return output
-            return None
+            low = self._lowrank_of(attrs) if self.seed is not None and args else []
+            for _, p in low:
+                output = self.noise.forward_term(p, self.seed, self.alpha, args[0], output)
+            return output if low else None
 
         return hook
 

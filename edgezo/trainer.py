@@ -151,6 +151,8 @@ def log_header(engine: Engine) -> dict:
         "noise": engine.perturber.noise.name,
         "directions": engine.perturber.directions,
         "rank": engine.perturber.rank if engine.perturber.directions == "lowrank" else None,
+        # embedding tables took low-rank directions too (older lowrank logs: dense tables)
+        **({"lowrank_tables": engine.perturber.lowrank_tables} if engine.perturber.directions == "lowrank" else {}),
         "torch": torch.__version__,
         "params": [[p.name, list(p.param.shape)] for p in engine.params],
         "created": time.time(),
@@ -177,6 +179,8 @@ def restore(engine: Engine, log_path: Path, *, use_snapshots: bool = True) -> in
                                 f"({header.get(key)} != {mine.get(key)}); refusing to resume onto it")
     if header.get("method") == "fo":
         return _restore_fo(engine, log_path, use_snapshots=use_snapshots)
+    if mine["directions"] == "lowrank" and header.get("lowrank_tables", False) != mine["lowrank_tables"]:
+        engine.perturber.use_lowrank_tables(header.get("lowrank_tables", False))  # as the log was written
     logged = header.get("noise", "torch")  # logs from before there was a choice used the torch stream
     if logged != mine["noise"]:  # the log's stream wins: the same seeds must give the same directions
         try:

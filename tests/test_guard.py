@@ -10,13 +10,8 @@ import pytest
 
 from edgezo.guard import END, HELD_OUT, DivergenceGuard, Rollback, split_held_out
 from edgezo.spec import SpecError, load_spec
-from edgezo.testing.tiny import PauseAt, job_weights, make_job, replayed, same_tensors
+from edgezo.testing.tiny import PauseAt, job_events, job_weights, make_job, replayed, same_tensors
 from edgezo.trainer import Paused, run_job
-
-
-def _events(job, kind):
-    return [e for e in map(json.loads, (job / "events.jsonl").read_text().splitlines()) if e["kind"] == kind]
-
 
 # -- the decisions, pure ----------------------------------------------------------------------------
 
@@ -141,7 +136,7 @@ def _score_held_out(job, n: int = 40) -> float:
 def test_a_drifting_job_goes_back_and_never_ends_below_its_start_and_replay_follows(tmp_path, drifting):
     job = make_job(tmp_path, drifting)
     report = run_job(job)
-    checks, rollbacks = _events(job, "check"), _events(job, "rollback")
+    checks, rollbacks = job_events(job, "check"), job_events(job, "rollback")
     assert checks[0]["step"] == -1 and checks[0]["n"] == 40
     assert any(r["cause"] == HELD_OUT for r in rollbacks), "the held-out score should have fallen clearly"
     h = report["guard"]["held_out"]
@@ -163,13 +158,13 @@ def test_a_drifting_job_goes_back_and_never_ends_below_its_start_and_replay_foll
 def test_resume_across_a_held_out_return_equals_an_uninterrupted_run(tmp_path, drifting):
     ref = make_job(tmp_path, drifting, name="ref")
     run_job(ref)
-    first = next(r["step"] for r in _events(ref, "rollback"))
+    first = next(r["step"] for r in job_events(ref, "rollback"))
     job = make_job(tmp_path, drifting, name="paused")
     with pytest.raises(Paused):
         run_job(job, PauseAt(min(first + 2, DRIFTING["steps"] - 1)))
     run_job(job)
     assert same_tensors(job_weights(ref), job_weights(job))
-    assert [(e["step"], e["to"]) for e in _events(job, "rollback")] == [(e["step"], e["to"]) for e in _events(ref, "rollback")]
+    assert [(e["step"], e["to"]) for e in job_events(job, "rollback")] == [(e["step"], e["to"]) for e in job_events(ref, "rollback")]
 
 
 def test_the_report_says_what_the_guard_did(tmp_path, drifting):

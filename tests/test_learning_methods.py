@@ -3,23 +3,14 @@ and the divergence guard — each exact under replay and resume, on the tiny mod
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from edgezo.hooks import TrainerHooks
 from edgezo.prefix import first_trainable_layer
 from edgezo.spec import SpecError, load_spec
-from edgezo.testing.tiny import PauseAt, job_weights, make_job, replayed, same_tensors
+from edgezo.testing.tiny import PauseAt, job_events, job_weights, make_job, replayed, same_tensors
 from edgezo.trainer import EventLog, Paused, build_engine, run_job, shared_prefix
-
-
-def _events(job, kind):
-    return [e for e in map(json.loads, (job / "events.jsonl").read_text().splitlines()) if e["kind"] == kind]
-
-
-
 
 # -- the frozen prefix ------------------------------------------------------------------------------
 
@@ -87,10 +78,10 @@ def test_fzoo_on_the_top_block_lowers_the_training_loss(tmp_path, tiny_spec_dict
     job = make_job(tmp_path, tiny_spec_dict, method="fzoo", trainable="top1", steps=30, eval_size=0,
                optim={"lr": 0.05, "eps": 1e-3, "perturbations": 8})
     run_job(job)
-    losses = [e["loss"] for e in _events(job, "step")]
+    losses = [e["loss"] for e in job_events(job, "step")]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, f"fzoo did not learn: {first:.4f} -> {last:.4f}"
-    assert _events(job, "prefix")[0]["frozen_blocks"] == 1
+    assert job_events(job, "prefix")[0]["frozen_blocks"] == 1
     assert same_tensors(job_weights(job), replayed(tmp_path, job))
 
 
@@ -116,7 +107,7 @@ DIVERGING = dict(method="fzoo", trainable="full", steps=24, eval_size=0, snapsho
 def test_guard_rolls_back_a_forced_divergence_and_replay_follows_it(tmp_path, tiny_spec_dict):
     job = make_job(tmp_path, tiny_spec_dict, **DIVERGING)
     report = run_job(job)
-    rollbacks = _events(job, "rollback")
+    rollbacks = job_events(job, "rollback")
     assert rollbacks, "lr 3.0 should have diverged and tripped the guard"
     assert rollbacks[0]["lr"] == pytest.approx(3.0 * 0.25)
     assert report["guard"]["rollbacks"] == len(rollbacks)
@@ -124,20 +115,20 @@ def test_guard_rolls_back_a_forced_divergence_and_replay_follows_it(tmp_path, ti
 
     unguarded = make_job(tmp_path, tiny_spec_dict, name="unguarded", **{**DIVERGING, "guard": {"rise": 0, "held_out": 0}})
     run_job(unguarded)
-    mean = lambda j: sum(e["loss"] for e in _events(j, "step")[-6:]) / 6  # noqa: E731
+    mean = lambda j: sum(e["loss"] for e in job_events(j, "step")[-6:]) / 6  # noqa: E731
     assert mean(job) < mean(unguarded)
 
 
 def test_guard_resume_across_a_rollback_equals_an_uninterrupted_run(tmp_path, tiny_spec_dict):
     ref = make_job(tmp_path, tiny_spec_dict, name="ref", **DIVERGING)
     run_job(ref)
-    first = _events(ref, "rollback")[0]["step"]
+    first = job_events(ref, "rollback")[0]["step"]
     job = make_job(tmp_path, tiny_spec_dict, name="paused", **DIVERGING)
     with pytest.raises(Paused):
         run_job(job, PauseAt(first + 2))
     run_job(job)
     assert same_tensors(job_weights(ref), job_weights(job))
-    assert [e["step"] for e in _events(job, "rollback")] == [e["step"] for e in _events(ref, "rollback")]
+    assert [e["step"] for e in job_events(job, "rollback")] == [e["step"] for e in job_events(ref, "rollback")]
 
 
 # -- what the report says -------------------------------------------------------------------------
@@ -185,7 +176,7 @@ def test_with_no_block_trainable_an_example_seen_before_costs_no_forward(tmp_pat
     every later step reuses the kept features (0 full forwards), and the loss still goes down."""
     job = _feature_job(tmp_path, tiny_spec_dict, "job")
     run_job(job)
-    steps = _events(job, "step")
+    steps = job_events(job, "step")
     assert [s["forwards"] for s in steps[:4]] == [1.0] * 4
     assert all(s["forwards"] == 0.0 for s in steps[4:]), [s["forwards"] for s in steps]
     assert sum(s["loss"] for s in steps[-4:]) < sum(s["loss"] for s in steps[:4])
@@ -204,7 +195,7 @@ def test_feature_cache_resume_equals_an_uninterrupted_run_and_replay(tmp_path, t
     assert same_tensors(job_weights(ref), replayed(tmp_path, job))
     again = _feature_job(tmp_path, tiny_spec_dict, "again")
     run_job(again)
-    assert [s["loss"] for s in _events(again, "step")] == [s["loss"] for s in _events(ref, "step")]
+    assert [s["loss"] for s in job_events(again, "step")] == [s["loss"] for s in job_events(ref, "step")]
 
 
 def test_train_size_must_be_a_positive_integer(tiny_spec_dict):

@@ -4,7 +4,6 @@ the forward; exactness, equivalence to materialised weights, replay/resume, spec
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
@@ -21,7 +20,15 @@ from edgezo.noise import TorchNoise, add_noise_into, mix
 from edgezo.perturb import Perturber, collect_params
 from edgezo.spec import SpecError, load_spec, spec_hash
 from edgezo.tasks import make_task
-from edgezo.testing.tiny import PauseAt, job_weights, replayed, rewrite_log, same_tensors, tiny_spec
+from edgezo.testing.tiny import (
+    PauseAt,
+    job_events,
+    job_weights,
+    replayed,
+    rewrite_log,
+    same_tensors,
+    tiny_spec,
+)
 from edgezo.trainer import (
     EventLog,
     Paused,
@@ -52,11 +59,15 @@ def test_which_parameters_get_lowrank_directions(tiny_model_dir, tmp_path):
     _, model, params, pert, *_ = _setup(tiny_model_dir, tmp_path)
     assert isinstance(pert.noise, LowRankDirections) and pert.noise.name == "torch"
     low = {p.name for p in params if pert.noise.is_lowrank(p)}
-    # every attention/MLP projection; not the tied embedding/head table, not the norms
-    assert low == {n for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n
-                   for n in [n + ".weight"]}
-    assert low and not any("embed" in n or "norm" in n for n in low)
+    # every attention/MLP projection and the tied embedding/head table; not the norms
+    linears = {n + ".weight" for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n}
+    assert low == linears | {"model.embed_tokens.weight"}
+    assert not any("norm" in n for n in low)
     assert all(p.param.dim() == 2 for p in params if pert.noise.is_lowrank(p))
+    # a log written before tables went low-rank: the table keeps the dense stream
+    pert.use_lowrank_tables(False)
+    assert {p.name for p in params if pert.noise.is_lowrank(p)} == linears
+    pert.use_lowrank_tables(True)
     # U,V are a pure function of (seed, index), from a stream apart from the dense one's
     p = next(p for p in params if pert.noise.is_lowrank(p))
     u1, v1 = factors(p, 5, 2)
@@ -67,9 +78,18 @@ def test_which_parameters_get_lowrank_directions(tiny_model_dir, tmp_path):
     # re-assigning the stream (what resume does) keeps the kind
     pert.noise = TorchNoise()
     assert isinstance(pert.noise, LowRankDirections)
-    # a 1-D tensor or a table owned by an Embedding is never low-rank
-    emb = nn.Embedding(10, 4)
-    assert not lowrank_eligible(collect_params(emb, None)[0])
+    # a plain Embedding's table is; one with max_norm (its lookup writes the table) or a subclass
+    # with its own forward (OPT's learned positions) is not, nor a 1-D tensor
+    assert lowrank_eligible(collect_params(nn.Embedding(10, 4), None)[0])
+    assert not lowrank_eligible(collect_params(nn.Embedding(10, 4), None)[0], tables=False)
+    assert not lowrank_eligible(collect_params(nn.Embedding(10, 4, max_norm=1.0), None)[0])
+
+    class Positions(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids + 2)
+
+    assert not lowrank_eligible(collect_params(Positions(10, 4), None)[0])
+    assert not lowrank_eligible(collect_params(nn.LayerNorm(4), None)[0])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
@@ -274,6 +294,35 @@ def test_replay_and_resume_are_bit_exact(tmp_path, tiny_spec_dict, precision, me
 
 
 
+def test_a_log_from_before_lowrank_tables_replays_and_resumes_as_written(tmp_path, tiny_spec_dict, monkeypatch):
+    """A lowrank seed-log without `lowrank_tables` in its header was written with the embedding
+    table on the dense stream: replay and resume rebuild its weights, not today's directions'."""
+    import functools
+
+    spec = _lowrank_spec(tiny_spec_dict, steps=6, snapshot_every=0, guard={"held_out": 0})  # keep what it trained
+    new = prepare_job_dir(tmp_path / "new", spec)
+    run_job(new)
+    assert seedlog.read(new / "seedlog.ezl")[0]["lowrank_tables"] is True
+
+    with monkeypatch.context() as m:  # the older code: tables dense, header without the key
+        m.setattr(trainer, "Perturber", functools.partial(trainer.Perturber, lowrank_tables=False))
+        old = prepare_job_dir(tmp_path / "old", spec)
+        run_job(old)
+    header, frames = seedlog.read(old / "seedlog.ezl")
+    assert header.pop("lowrank_tables") is False
+    rewrite_log(old / "seedlog.ezl", header, frames)
+    written = job_weights(old)
+    table = "model.embed_tokens.weight"
+    assert not torch.equal(written[table], job_weights(new)[table])  # the table's directions differ
+
+    assert same_tensors(written, replayed(tmp_path, old))
+    kept = [f for f in frames if not (isinstance(f.data, dict) and f.data.get("step", -1) >= 3)]
+    rewrite_log(old / "seedlog.ezl", header, kept)
+    (old / "report.json").unlink()
+    run_job(old)  # resumed at step 3 by today's code
+    assert same_tensors(written, job_weights(old))
+
+
 def test_resume_refuses_a_log_with_other_directions(tmp_path, tiny_spec_dict):
     spec = _lowrank_spec(tiny_spec_dict, steps=2)
     job = prepare_job_dir(tmp_path / "job", spec)
@@ -289,8 +338,6 @@ def test_resume_refuses_a_log_with_other_directions(tmp_path, tiny_spec_dict):
 # --- with what main gained: fzoo, topK's shared prefix, the divergence guard, method: fo ----------
 
 
-def _events(job, kind: str) -> list[dict]:
-    return [e for e in map(json.loads, (job / "events.jsonl").read_text().splitlines()) if e["kind"] == kind]
 
 
 
@@ -333,7 +380,7 @@ def test_fzoo_replay_and_resume_are_bit_exact(tmp_path, tiny_spec_dict, trainabl
     run_job(ref)
     header = seedlog.read(ref / "seedlog.ezl")[0]
     assert header["method"] == "fzoo" and header["directions"] == "lowrank" and header["rank"] == 2
-    assert bool(_events(ref, "prefix")) == (trainable == "top1")
+    assert bool(job_events(ref, "prefix")) == (trainable == "top1")
     trained = job_weights(ref)
     assert same_tensors(trained, replayed(tmp_path, ref))
 
@@ -383,13 +430,13 @@ def test_top1_lowrank_with_the_prefix_cache_equals_a_run_without_it(tmp_path, ti
     spec = load_spec({**tiny_spec_dict, **FZOO_LOWRANK, "trainable": "top1"})
     cached = prepare_job_dir(tmp_path / "cached", spec)
     run_job(cached)
-    assert _events(cached, "prefix")[0]["frozen_blocks"] == 1
+    assert job_events(cached, "prefix")[0]["frozen_blocks"] == 1
     monkeypatch.setattr(trainer, "shared_prefix", lambda *a, **k: None)
     plain = prepare_job_dir(tmp_path / "plain", spec)
     run_job(plain)
-    assert not _events(plain, "prefix")
+    assert not job_events(plain, "prefix")
     assert same_tensors(job_weights(cached), job_weights(plain))
-    losses = lambda j: [e["loss"] for e in _events(j, "step")]  # noqa: E731
+    losses = lambda j: [e["loss"] for e in job_events(j, "step")]  # noqa: E731
     assert losses(cached) == losses(plain)
 
 
@@ -401,7 +448,7 @@ def test_guard_rollback_and_resume_are_bit_exact_with_lowrank(tmp_path, tiny_spe
               guard={"rise": 0.1, "span": 4, "lr_factor": 0.25})
     ref = prepare_job_dir(tmp_path / "ref", load_spec({**tiny_spec_dict, **kw}))
     run_job(ref)
-    rollbacks = _events(ref, "rollback")
+    rollbacks = job_events(ref, "rollback")
     assert rollbacks, "lr 3.0 along rank-1 directions should have diverged and tripped the guard"
     trained = job_weights(ref)
     assert same_tensors(trained, replayed(tmp_path, ref))
@@ -411,7 +458,7 @@ def test_guard_rollback_and_resume_are_bit_exact_with_lowrank(tmp_path, tiny_spe
         run_job(job, PauseAt(rollbacks[0]["step"] + 2))
     run_job(job)
     assert same_tensors(trained, job_weights(job))
-    assert [e["step"] for e in _events(job, "rollback")] == [e["step"] for e in rollbacks]
+    assert [e["step"] for e in job_events(job, "rollback")] == [e["step"] for e in rollbacks]
 
 
 def test_fo_refuses_lowrank_directions_naming_the_field(tiny_spec_dict):

@@ -27,7 +27,7 @@ _FRAME = struct.Struct("<BI")
 _CRC = struct.Struct("<I")
 SEED_LIMIT = 2**53  # job seeds stay below this: the spec's integers travel through JSON and YAML
 # What must be the same on every device for a record to mean the same update everywhere
-HEADER_KEYS = ("base_model_hash", "dtype", "noise", "directions", "rank", "params")
+HEADER_KEYS = ("base_model_hash", "dtype", "noise", "directions", "rank", "lowrank_tables", "params")
 WIRE_FIELDS = ("step", "seeds", "grads", "lr", "wd", "loss")  # what a device sends per step
 
 

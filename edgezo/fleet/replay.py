@@ -35,7 +35,7 @@ def apply_log(engine, path: Path) -> str:
     digest = file_sha256(path)
     header, frames = seedlog.read(path)
     mine = log_header(engine)
-    for key in ("base_model_hash", "dtype", "directions", "rank", "params"):
+    for key in ("base_model_hash", "dtype", "directions", "rank", "lowrank_tables", "params"):
         if header.get(key) != mine.get(key):
             raise TrainingError(f"from_log {path} was written for a different {key.replace('_', ' ')} "
                                 f"({str(header.get(key))[:80]} != {str(mine.get(key))[:80]}); refusing to start "

@@ -148,6 +148,12 @@ def replayed(tmp_path: Path, job: Path, name: str = "replayed") -> dict:
     return out
 
 
+def job_events(job: Path, kind: str) -> list[dict]:
+    """A job's events.jsonl records of one kind ("step", "rollback", "check", ...), in order."""
+    lines = (Path(job) / "events.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["kind"] == kind]
+
+
 def rewrite_log(path: Path, header: dict, frames: list) -> None:
     """Replace a seed-log with one holding `header` and `frames` (to forge or cut one)."""
     from edgezo import seedlog
