@@ -82,6 +82,12 @@ RECIPES: dict[str, list[str]] = {
     # the same recipe (lr, 8 epochs, linear decay) on the whole train split: what 20 minutes buy
     "fzoo-top0-all": ["method=fzoo", "trainable=top0", "optim.lr=1", "optim.eps=1e-3", "optim.perturbations=128",
                       "optim.schedule=linear", "steps=5500", "task.train_size=null"],
+    # low-rank directions (rank 1: z = U·Vᵀ per 2-D weight, the tied embedding/head table included),
+    # against the dense rows above on the same sets; lr by --sweep
+    "mezo-full-lowrank": ["method=mezo", "trainable=full", "optim.lr=1e-5", "optim.eps=1e-3", "optim.perturbations=1",
+                          "optim.directions=lowrank", "optim.rank=1"],
+    "fzoo-top1-lowrank": ["method=fzoo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=16",
+                          "optim.directions=lowrank", "optim.rank=1"],
     "fo-lora": ["method=fo", "trainable=lora", "optim.lr=1e-3"],
     "fo-top0": ["method=fo", "trainable=top0", "optim.lr=1e-1"],
 }
