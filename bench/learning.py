@@ -47,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgezo.hooks import TrainerHooks  # noqa: E402
+from edgezo.protocol import CHECK_EVAL  # noqa: E402
 from edgezo.spec import load_spec  # noqa: E402
 from edgezo.trainer import prepare_job_dir, run_job  # noqa: E402
 
@@ -114,7 +115,7 @@ class Clock(TrainerHooks):
 
     def on_event(self, kind, data):
         now = time.monotonic()
-        if kind == "phase" and data.get("phase") == "eval" and data.get("what") != "check":  # the guard's checks train
+        if kind == "phase" and data.get("phase") == "eval" and data.get("what") != CHECK_EVAL:  # the guard's checks train
             if data["state"] == "begin":
                 if self.last is not None:
                     self.trained += now - self.last

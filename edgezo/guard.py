@@ -52,6 +52,7 @@ class Check:
     accuracy: float  # token F1 for generation
     loss: float
     correct: str | None = None  # per sentence, "1" right / "0" wrong (classification): for a paired test
+    n: int = 0  # sentences scored (for the unpaired test when `correct` is missing)
 
     def beats(self, other: Check) -> bool:
         return (self.accuracy, -self.loss) > (other.accuracy, -other.loss)
@@ -64,7 +65,9 @@ class Check:
             lost = sum(1 for a, b in zip(other.correct, self.correct) if a == "1" and b == "0")
             gained = sum(1 for a, b in zip(other.correct, self.correct) if a == "0" and b == "1")
             return lost - gained - 1 > z * math.sqrt(lost + gained)
-        n = len(self.correct or "") or 256
+        n = min(self.n, other.n) or len(self.correct or "") or len(other.correct or "")
+        if n <= 0:  # how many sentences is unknown: no noise level to judge by, so not "worse"
+            return False
         p = (self.accuracy + other.accuracy) / 2
         return other.accuracy - self.accuracy > z * math.sqrt(max(2 * p * (1 - p) / n, 1e-12))
 
@@ -162,10 +165,11 @@ class DivergenceGuard:
         """The weights changed without a step (a DiZO projection): their check no longer holds."""
         self.checks.pop(self.at, None)
 
-    def check(self, accuracy: float, loss: float, correct: str | None = None) -> Rollback | None:
-        """A held-out check of the current weights; a Rollback when it is worse than the best one."""
+    def check(self, accuracy: float, loss: float, correct: str | None = None, n: int = 0) -> Rollback | None:
+        """A held-out check of the current weights over n sentences; a Rollback when it is worse than
+        the best one."""
         best, k = self.best_check(), len(self.checks)
-        now = self.checks[self.at] = Check(self.at, accuracy, loss, correct)
+        now = self.checks[self.at] = Check(self.at, accuracy, loss, correct, n or len(correct or ""))
         self.pending = None
         if best is not None and now.worse_than(best, family_z(self.z, k)):
             self.pending = Rollback(at=self.at, to=best.step, lr_scale=self.lr_scale * self.lr_factor, cause=HELD_OUT)

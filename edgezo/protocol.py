@@ -56,6 +56,9 @@ class Phase(StrEnum):
     EXPORT = "export"  # every step done: writing the trained model and the report
 
 
+CHECK_EVAL = "check"  # an eval phase's `what` when it is the guard's held-out check (it counts as training)
+
+
 def step_phase(method: str | None) -> Phase:
     """What a job's training steps are called: `fo_step` for the first-order baseline."""
     return Phase.FO_STEP if method == "fo" else Phase.ZO_STEP

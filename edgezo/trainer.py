@@ -26,7 +26,7 @@ import torch
 from edgezo import seedlog
 from edgezo.data import bucketed_batch, check_fields, data_path, read_rows
 from edgezo.disk import job_disk_use
-from edgezo.guard import LOSS, DivergenceGuard, Rollback, split_held_out
+from edgezo.guard import END, LOSS, DivergenceGuard, Rollback, split_held_out
 from edgezo.hizoo import HiZOO
 from edgezo.hooks import TrainerHooks
 from edgezo.jobdir import write_json_atomic
@@ -36,7 +36,7 @@ from edgezo.models import load, resolve_device, trainable_patterns, weights_hash
 from edgezo.noise import NoiseUnavailable, ZOParam, make_noise, mix
 from edgezo.perturb import Perturber, collect_params
 from edgezo.prefix import FeatureCache
-from edgezo.protocol import Cancelled, Control, EdgezoError, Event, JobState, Paused, Phase
+from edgezo.protocol import CHECK_EVAL, Cancelled, Control, EdgezoError, Event, JobState, Paused, Phase
 from edgezo.pseuzo import PseuZO
 from edgezo.report import accuracy_gain
 from edgezo.snapshots import SNAPSHOT_DIR, SnapshotClock, fsync_dir, keep_count, prune
@@ -242,7 +242,7 @@ def _replay_guard(engine: Engine, frames: list) -> None:
             loss = f.data.get("loss")
             guard.observe(f.data["step"], float("nan") if loss is None else loss)
         elif f.kind == seedlog.CHECK:
-            guard.check(f.data["accuracy"], f.data["loss"], f.data.get("correct"))
+            guard.check(f.data["accuracy"], f.data["loss"], f.data.get("correct"), f.data.get("n", 0))
         elif f.kind == seedlog.PROJECTION:
             guard.moved()
         elif f.kind == seedlog.ROLLBACK:
@@ -348,16 +348,20 @@ class EventLog:
         self.hooks.on_event(kind, data)
 
     def history(self, kind: str) -> list[dict]:
+        return self.histories(kind)[kind]
+
+    def histories(self, *kinds: str) -> dict[str, list[dict]]:
+        """The logged events of each kind, in order, from one read of the file."""
+        out: dict[str, list[dict]] = {k: [] for k in kinds}
         if not self.path.exists():
-            return []
-        out = []
+            return out
         for line in self.path.read_text().splitlines():
             try:
                 ev = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line after power loss
-            if ev.get("kind") == kind:
-                out.append(ev)
+            if ev.get("kind") in out:
+                out[ev["kind"]].append(ev)
         return out
 
 
@@ -479,7 +483,7 @@ def _check(engine: Engine, task, held, writer, events: EventLog, meter: MemoryMe
     while not hooks.try_lease(Phase.EVAL, lease_bytes):
         _wait_for_lease(hooks, writer, events, step)
     try:
-        with _phase(meter, events, Phase.EVAL, what="check"):
+        with _phase(meter, events, Phase.EVAL, what=CHECK_EVAL):
             metrics = task.evaluate(held, engine.spec["batch_size"], kept=True)
     finally:
         hooks.release_lease(Phase.EVAL)
@@ -487,7 +491,7 @@ def _check(engine: Engine, task, held, writer, events: EventLog, meter: MemoryMe
     correct = metrics.get("correct")  # which sentences it got right: the guard compares checks paired
     writer.append(seedlog.CHECK, {"step": at, "accuracy": score, "loss": metrics["loss"], "n": metrics["n"],
                                   **({"correct": correct} if correct else {})}, sync=True)
-    rb = guard.check(score, metrics["loss"], correct)
+    rb = guard.check(score, metrics["loss"], correct, metrics["n"])
     best = guard.best_check()
     events.emit(Event.CHECK, step=at, accuracy=score, loss=metrics["loss"], n=metrics["n"],
                 best_step=best.step, best_accuracy=best.accuracy)
@@ -743,11 +747,12 @@ def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog
 
 def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter: MemoryMeter, steps_done: int,
                  wall: float, steps_here: int, noise: str) -> dict:
+    logged = events.histories(Event.EVAL, Event.ROLLBACK, Event.CHECK)
     history = [{"step": e["step"], **{k: v for k, v in e["metrics"].items() if k != "correct"}}
-               for e in events.history(Event.EVAL)]
+               for e in logged[Event.EVAL]]
     rollbacks = [{"cause": LOSS, **{k: e[k] for k in ("step", "to", "lr", "cause", "best_loss", "best_accuracy")
-                                    if k in e}} for e in events.history(Event.ROLLBACK)]
-    checks = events.history(Event.CHECK)
+                                    if k in e}} for e in logged[Event.ROLLBACK]]
+    checks = logged[Event.CHECK]
     return {
         "name": spec["name"],
         "status": JobState.DONE,
@@ -774,7 +779,7 @@ def held_out_summary(checks: list[dict], rollbacks: list[dict]) -> dict | None:
     after step `end_step`): its last check's, or the check it returned to at the end."""
     if not checks:
         return None
-    ended = [r["to"] for r in rollbacks if r.get("cause") == "end"]
+    ended = [r["to"] for r in rollbacks if r.get("cause") == END]
     end_step = ended[-1] if ended else checks[-1]["step"]
     end = next(c for c in reversed(checks) if c["step"] == end_step)
     return {"n": checks[0]["n"], "checks": len(checks), "start": checks[0]["accuracy"],

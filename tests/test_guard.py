@@ -89,13 +89,19 @@ def test_a_loss_rollback_forgets_the_checks_it_undoes():
     assert g.settle().to == -1  # the only weights still reachable that were checked: the start
 
 
-def test_without_per_sentence_hits_the_unpaired_error_decides():
+def test_without_per_sentence_hits_the_unpaired_error_of_the_checks_n_decides():
     g = _guard()
-    g.check(0.50, 1.0)  # generation: token F1, no per-sentence record
+    g.check(0.50, 1.0, n=256)  # generation: token F1, no per-sentence record
     g.observe(0, 0.5)
-    assert g.check(0.49, 1.0) is None  # a point below, within the noise of 256 sentences
+    assert g.check(0.49, 1.0, n=256) is None  # a point below, within the noise of 256 sentences
     g.observe(1, 0.5)
-    assert g.check(0.30, 1.0).cause == HELD_OUT
+    assert g.check(0.30, 1.0, n=256).cause == HELD_OUT
+    # the noise is that of the sentences actually scored: 10 points down is noise at 32, not at 2,000
+    for n, worse in ((32, False), (2000, True)):
+        g = _guard()
+        g.check(0.50, 1.0, n=n)
+        g.observe(0, 0.5)
+        assert (g.check(0.40, 1.0, n=n) is not None) is worse, n
 
 
 # -- on the tiny model -------------------------------------------------------------------------------
