@@ -84,7 +84,9 @@ RECIPES: dict[str, list[str]] = {
     "fzoo-top0-all": ["method=fzoo", "trainable=top0", "optim.lr=1", "optim.eps=1e-3", "optim.perturbations=128",
                       "optim.schedule=linear", "steps=5500", "task.train_size=null"],
     # low-rank directions (rank 1: z = U·Vᵀ per 2-D weight, the tied embedding/head table included),
-    # against the dense rows above on the same sets; lr by --sweep
+    # against the dense rows above on the same sets; lr by --sweep (2 min, 500 held-out train
+    # sentences, zero-shot 79.2 %): mezo-full-lowrank 3e-6/1e-5/3e-5: 79.4/79.6/79.2 %;
+    # fzoo-top1-lowrank 3e-3/1e-2/3e-2: 79.4/81.6/78.4 %
     "mezo-full-lowrank": ["method=mezo", "trainable=full", "optim.lr=1e-5", "optim.eps=1e-3", "optim.perturbations=1",
                           "optim.directions=lowrank", "optim.rank=1"],
     "fzoo-top1-lowrank": ["method=fzoo", "trainable=top1", "optim.lr=1e-2", "optim.eps=1e-3", "optim.perturbations=16",
