@@ -14,15 +14,15 @@
   with `tables=False`: tables on the dense stream, as they were written.
 
 A low-rank direction is never materialised for a perturbed forward: the Perturber leaves W in place
-and adds α·((x·V)·Uᵀ)/√r to the Linear's output (`forward_term`); an embedding lookup returns the looked-up
-rows θ[ids] + α·U[ids]·Vᵀ/√r (`rows`), so a 50k-row table costs r·(rows + dim) random numbers, not a
-dense pass over it. The update (the only write a step
-makes) is θ ← θ + α/√r · Σ_k u_k v_kᵀ as one fused elementwise pass per rank (addcmul: θ_ij + c·u_i·v_j;
-no matmul, so no BLAS summation order to depend on): in place for fp32 θ (one fp32 rounding per rank),
-and for fp16/bf16 θ into an
-fp32 row-chunk copy that is rounded once to θ's dtype. Replay runs the same function, so it is
-bit-exact. `rows` and `add_into` (an untied head read through Perturber.rows/full) run the same
-elementwise arithmetic, so their rows equal the updated weight's bit for bit.
+and adds α·((x·V)·Uᵀ)/√r to the Linear's output (`forward_term`); an embedding lookup returns the
+looked-up rows θ[ids] + α·U[ids]·Vᵀ/√r (`rows`), so a 50k-row table costs r·(rows + dim) random
+numbers, not a dense pass over it. The update (the only write a step makes) is
+θ ← θ + α/√r · Σ_k u_k v_kᵀ as one fused elementwise pass per rank (addcmul: θ_ij + c·u_i·v_j; no
+matmul, so no BLAS summation order to depend on): in place for fp32 θ (one fp32 rounding per rank),
+and for fp16/bf16 θ into an fp32 row-chunk copy that is rounded once to θ's dtype. Replay runs the
+same function, so it is bit-exact. `rows` and `add_into` (an untied head read through
+Perturber.rows/full) run the same elementwise arithmetic, so their rows equal the updated weight's
+bit for bit.
 
 Rank 1 is the default: one extra matrix-vector product per Linear in the forward, r·(out+in) random
 numbers per weight instead of out·in, and one pass over the weight for the update. LOZO's lazy V

@@ -89,7 +89,7 @@ class Perturber:
         self.noise = self._noise
 
     def _lowrank_of(self, attrs: list[tuple[str, ZOParam]]) -> list[tuple[str, ZOParam]]:
-        """Which of a module's parameters take low-rank directions now (a plain Linear's weight, at most one)."""
+        """Which of a module's parameters take low-rank directions now (its weight, if any)."""
         is_lowrank = getattr(self._noise, "is_lowrank", None)
         return [(a, p) for a, p in attrs if is_lowrank(p)] if is_lowrank else []
 
