@@ -74,7 +74,7 @@ def render(report: dict) -> str:
                      + ("no step)" if h["end_step"] < 0 else f"step {h['end_step']})"))
     for e in guard.get("events") or []:
         to = "the base weights" if e["to"] < 0 else f"step {e['to']}"
-        why = {"held_out": "the held-out score fell", "end": "the last weights score worse on the held-out sentences"}.get(
+        why = {"held_out": "the held-out score fell", "end": "at the end the last weights showed no gain beyond noise on the held-out sentences, or fell behind an earlier check"}.get(
             e.get("cause"), "the loss had risen")
         lines.append(f"rollback   at step {e['step']} {why}: back to {to}, lr now {e['lr']:.3g}")
     mem = report.get("memory") or {}

@@ -26,7 +26,7 @@ import torch
 from edgezo import seedlog
 from edgezo.data import bucketed_batch, check_fields, data_path, read_rows
 from edgezo.disk import job_disk_use
-from edgezo.guard import END, LOSS, DivergenceGuard, Rollback, split_held_out
+from edgezo.guard import LOSS, DivergenceGuard, Rollback, split_held_out
 from edgezo.hizoo import HiZOO
 from edgezo.hooks import TrainerHooks
 from edgezo.jobdir import write_json_atomic
@@ -347,21 +347,18 @@ class EventLog:
             f.write(json.dumps({"t": time.time(), "kind": kind, **data}) + "\n")
         self.hooks.on_event(kind, data)
 
-    def history(self, kind: str) -> list[dict]:
-        return self.histories(kind)[kind]
-
-    def histories(self, *kinds: str) -> dict[str, list[dict]]:
-        """The logged events of each kind, in order, from one read of the file."""
-        out: dict[str, list[dict]] = {k: [] for k in kinds}
+    def history(self, *kinds: str) -> list[dict]:
+        """The logged events of these kinds, in the order they happened (one read of the file)."""
         if not self.path.exists():
-            return out
+            return []
+        out = []
         for line in self.path.read_text().splitlines():
             try:
                 ev = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line after power loss
-            if ev.get("kind") in out:
-                out[ev["kind"]].append(ev)
+            if ev.get("kind") in kinds:
+                out.append(ev)
         return out
 
 
@@ -747,12 +744,13 @@ def _snapshot(engine: Engine, writer, job_dir: Path, step: int, events: EventLog
 
 def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter: MemoryMeter, steps_done: int,
                  wall: float, steps_here: int, noise: str) -> dict:
-    logged = events.histories(Event.EVAL, Event.ROLLBACK, Event.CHECK)
+    logged = events.history(Event.EVAL, Event.ROLLBACK, Event.CHECK)
     history = [{"step": e["step"], **{k: v for k, v in e["metrics"].items() if k != "correct"}}
-               for e in logged[Event.EVAL]]
-    rollbacks = [{"cause": LOSS, **{k: e[k] for k in ("step", "to", "lr", "cause", "best_loss", "best_accuracy")
-                                    if k in e}} for e in logged[Event.ROLLBACK]]
-    checks = logged[Event.CHECK]
+               for e in logged if e["kind"] == Event.EVAL]
+    guard_trail = [{"cause": LOSS, **e} if e["kind"] == Event.ROLLBACK else e
+                   for e in logged if e["kind"] != Event.EVAL]
+    rollbacks = [{k: e[k] for k in ("step", "to", "lr", "cause", "best_loss", "best_accuracy") if k in e}
+                 for e in guard_trail if e["kind"] == Event.ROLLBACK]
     return {
         "name": spec["name"],
         "status": JobState.DONE,
@@ -768,22 +766,31 @@ def build_report(spec: dict, job_dir: Path, evals: dict, events: EventLog, meter
                    "steps_per_s": steps_here / wall if wall > 0 else None},
         "memory": meter.summary(),
         "guard": {"rollbacks": len(rollbacks), "events": rollbacks,  # never a silent return to worse weights
-                  "held_out": held_out_summary(checks, rollbacks)},
+                  "held_out": held_out_summary(guard_trail)},
         "output": str(job_dir / spec["output"]),
         "disk": job_disk_use(job_dir, spec["output"]),  # what the job leaves on disk, by kind
     }
 
 
-def held_out_summary(checks: list[dict], rollbacks: list[dict]) -> dict | None:
-    """The guard's held-out scores: at the start, and of the weights the job ended on (`end`,
-    after step `end_step`): its last check's, or the check it returned to at the end."""
+def held_out_summary(trail: list[dict]) -> dict | None:
+    """The guard's held-out scores: at the start, and of the weights the job ended on (`end`, after
+    step `end_step`). `trail` is the job's check and rollback events in order: the job ended on its
+    last check's weights, or on those a later return went back to (a checked step)."""
+    checks = [e for e in trail if e["kind"] == Event.CHECK]
     if not checks:
         return None
-    ended = [r["to"] for r in rollbacks if r.get("cause") == END]
-    end_step = ended[-1] if ended else checks[-1]["step"]
-    end = next(c for c in reversed(checks) if c["step"] == end_step)
+    scored = {}  # step -> the latest check of the weights after it
+    end = None
+    for e in trail:
+        if e["kind"] == Event.CHECK:
+            scored[e["step"]] = end = e
+        elif e["to"] in scored:  # a rollback to checked weights (held-out and end returns always are)
+            end = scored[e["to"]]
+        else:  # a loss return to unchecked weights: the trainer checks them before the job ends
+            end = None
+    end = end or checks[-1]
     return {"n": checks[0]["n"], "checks": len(checks), "start": checks[0]["accuracy"],
-            "end": end["accuracy"], "end_step": end_step}
+            "end": end["accuracy"], "end_step": end["step"]}
 
 
 def prepare_job_dir(job_dir: Path, spec: dict) -> Path:

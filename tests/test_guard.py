@@ -72,8 +72,20 @@ def test_the_end_returns_to_the_best_check_when_the_last_is_worse_or_below_the_s
     k = _guard()
     k.check(0.70, 0.60, hits(range(70)))
     k.observe(0, 0.5)
-    k.check(0.70, 0.55, hits(range(70)))  # equal accuracy, lower loss: better
-    assert k.settle() is None and k.best_check().step == 0
+    k.check(0.70, 0.55, hits(range(70)))  # equal accuracy, lower loss: the best check, but no gain shown
+    assert k.best_check().step == 0 and k.settle() == Rollback(at=0, to=-1, lr_scale=1.0, cause=END)
+
+
+def test_the_end_keeps_only_a_gain_beyond_noise():
+    """HiZOO on top1 (a real run): 22 held-out sentences gained, 17 lost against the start, z 0.6:
+    the job ends on its start. The default job's run: 26 gained, 13 lost, z 1.9: it keeps its weights."""
+    start = hits(range(100), 200)  # 100 of 200 held-out sentences right
+    for gained, lost, keeps in ((22, 17, False), (26, 13, True), (3, 0, True), (2, 0, False)):
+        g = _guard()
+        g.check(0.5, 0.6, start)
+        g.observe(0, 0.5)
+        g.check((100 - lost + gained) / 200, 0.5, hits(set(range(lost, 100)) | set(range(100, 100 + gained)), 200))
+        assert (g.settle() is None) is keeps, (gained, lost)
 
 
 def test_a_loss_rollback_forgets_the_checks_it_undoes():
@@ -249,3 +261,19 @@ def test_a_check_a_few_sentences_behind_a_lucky_best_is_not_worse():
     assert g.check(0.76, 0.41, hits(range(76))) is None
     g.observe(41, 0.5)
     assert g.check(0.60, 0.50, hits(range(60))).cause == HELD_OUT
+
+
+def test_the_report_gives_the_held_out_score_of_the_weights_the_job_ended_on():
+    """PseuZO on top1 (a real run): its check at step 299 fell, the job went back to step 199 and ran
+    out of time there. The report said it ended at 73.4 % (step 299's check); it ended on step 199's."""
+    from edgezo.trainer import held_out_summary
+
+    def check(step, acc):
+        return {"kind": "check", "step": step, "accuracy": acc, "n": 256}
+
+    trail = [check(-1, 0.766), check(99, 0.812), check(199, 0.816), check(299, 0.734),
+             {"kind": "rollback", "step": 299, "to": 199, "cause": "held_out"}]
+    assert held_out_summary(trail) == {"n": 256, "checks": 4, "start": 0.766, "end": 0.816, "end_step": 199}
+    back_to_start = [*trail[:2], {"kind": "rollback", "step": 99, "to": -1, "cause": "end"}]
+    assert held_out_summary(back_to_start)["end_step"] == -1
+    assert held_out_summary(trail[:3])["end_step"] == 199
